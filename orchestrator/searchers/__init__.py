@@ -1,0 +1,27 @@
+"""Searchers: every one a ``ray.tune.search.Searcher`` built by name from the registry.
+
+    from orchestrator.searchers import make_searcher
+    searcher = make_searcher("tpe", layers=layers, table=table, budget=budget, seed=0)
+"""
+
+# Importing a searcher module registers it.
+from . import _optuna  # noqa: F401
+from ._base import SearchProblem
+from ._registry import (
+    SearcherInfo,
+    UnknownSearcherError,
+    list_searchers,
+    make_searcher,
+    register_searcher,
+    searcher_info,
+)
+
+__all__ = [
+    "SearchProblem",
+    "SearcherInfo",
+    "UnknownSearcherError",
+    "list_searchers",
+    "make_searcher",
+    "register_searcher",
+    "searcher_info",
+]

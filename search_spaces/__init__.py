@@ -1,0 +1,31 @@
+"""Per-layer bitwidth search spaces, policy encoding, budgets and their projection."""
+
+from ._budget import BUDGET_METRICS, Budget, InfeasibleBudgetError, check_feasible, project
+from ._space import (
+    a_key,
+    bitwidth_space,
+    check_bit_range,
+    config_from_policy,
+    format_policy,
+    parse_policy,
+    policy_from_config,
+    policy_keys,
+    w_key,
+)
+
+__all__ = [
+    "BUDGET_METRICS",
+    "Budget",
+    "InfeasibleBudgetError",
+    "a_key",
+    "bitwidth_space",
+    "check_bit_range",
+    "check_feasible",
+    "config_from_policy",
+    "format_policy",
+    "parse_policy",
+    "policy_from_config",
+    "policy_keys",
+    "project",
+    "w_key",
+]

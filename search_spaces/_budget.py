@@ -1,0 +1,135 @@
+"""Hardware budgets and the one place they are enforced: ``project``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from hardware import BYTES_PER_MB, MAX_BITS, MIN_BITS, NUM_BITS, CostTable, check_policies
+
+BUDGET_METRICS = ("latency_ms", "energy_mj", "size_mb")
+# Relative budgets are written with the metric's bare name: ``latency=0.5``.
+_RELATIVE_NAMES = {m.split("_")[0]: m for m in BUDGET_METRICS}
+
+
+class InfeasibleBudgetError(ValueError):
+    """Even the all-minimum-bits policy is over the budget."""
+
+
+@dataclass(frozen=True)
+class Budget:
+    """A limit on one cost metric: absolute (``latency_ms=12.5``) or a fraction of 8/8-bit.
+
+    ``relative=True`` means ``limit`` is a fraction of the uniform 8-bit policy's cost.
+    """
+
+    metric: str
+    limit: float
+    relative: bool = False
+
+    def __post_init__(self) -> None:
+        if self.metric not in BUDGET_METRICS:
+            raise ValueError(
+                f"budget metric: choose between {', '.join(BUDGET_METRICS)}, got {self.metric!r}"
+            )
+        if not np.isfinite(self.limit) or self.limit <= 0:
+            raise ValueError(f"budget limit: expected a positive number, got {self.limit}")
+
+    @classmethod
+    def parse(cls, text: str) -> Budget:
+        """Parse ``latency=0.5`` (relative) or ``latency_ms=12`` (absolute), likewise energy/size."""
+        key, sep, value = str(text).partition("=")
+        key = key.strip()
+        forms = [*_RELATIVE_NAMES, *BUDGET_METRICS]
+        if not sep or key not in forms:
+            raise ValueError(
+                f"budget {text!r}: expected NAME=VALUE with NAME one of {', '.join(forms)} "
+                "(e.g. latency=0.5 for half the 8-bit latency, size_mb=1.0 for an absolute limit)"
+            )
+        try:
+            limit = float(value)
+        except ValueError:
+            raise ValueError(f"budget {text!r}: expected a number after '=', got {value!r}") from None
+        relative = key in _RELATIVE_NAMES
+        if relative and limit > 1:
+            raise ValueError(
+                f"budget {text!r}: a relative budget is a fraction of the 8-bit cost, expected (0, 1]"
+            )
+        return cls(_RELATIVE_NAMES.get(key, key), limit, relative)
+
+    def __str__(self) -> str:
+        if self.relative:
+            return f"{self.metric.split('_')[0]}={self.limit:g}"
+        return f"{self.metric}={self.limit:g}"
+
+    def limit_for(self, table: CostTable) -> float:
+        """The absolute limit in the metric's unit for this cost table."""
+        if not self.relative:
+            return float(self.limit)
+        reference = table.evaluate(table.uniform(MAX_BITS)).metric(self.metric)[0]
+        return float(self.limit * reference)
+
+
+def _layer_metric(table: CostTable, metric: str) -> np.ndarray:
+    """Per-layer cost of ``metric`` at every (w, a): shape [L, 8, 8], in the metric's unit."""
+    if metric == "latency_ms":
+        return table.latency_s * 1e3
+    if metric == "energy_mj":
+        return table.energy_j * 1e3
+    size = table.weights[:, None, None] * np.arange(MIN_BITS, MAX_BITS + 1)[None, :, None]
+    return np.broadcast_to(size / 8.0 / BYTES_PER_MB, (table.num_layers, NUM_BITS, NUM_BITS))
+
+
+def check_feasible(table: CostTable, budget: Budget, min_bits: int = MIN_BITS) -> float:
+    """Return the absolute limit; raise ``InfeasibleBudgetError`` if no policy meets it."""
+    limit = budget.limit_for(table)
+    floor = table.evaluate(table.uniform(min_bits)).metric(budget.metric)[0]
+    if floor > limit * (1 + 1e-9):
+        raise InfeasibleBudgetError(
+            f"budget {budget} is infeasible: it allows {budget.metric}={limit:.6g}, but even "
+            f"every layer at {min_bits} bit(s) costs {floor:.6g}"
+        )
+    return limit
+
+
+def project(
+    policy,
+    table: CostTable,
+    budget: Budget | None,
+    *,
+    min_bits: int = MIN_BITS,
+    max_bits: int = MAX_BITS,
+) -> np.ndarray:
+    """The policy every searcher's suggestion becomes: clipped to bounds, then inside the budget.
+
+    HAQ's rule: while over budget, sweep the layers from the last to the first and,
+    per layer, lower the activation bits by one, then the weight bits by one (never
+    below ``min_bits``), stopping as soon as the cost is within the limit. Later
+    layers go first because they are usually the widest and least sensitive.
+    Raises ``InfeasibleBudgetError`` if even all-``min_bits`` is over budget.
+    """
+    pol = np.clip(check_policies(policy, table.num_layers)[0], min_bits, max_bits).astype(np.int64)
+    if budget is None:
+        return pol
+    limit = check_feasible(table, budget, min_bits)
+    per_layer = _layer_metric(table, budget.metric)
+    rows = np.arange(table.num_layers)
+    cost = float(per_layer[rows, pol[:, 0] - MIN_BITS, pol[:, 1] - MIN_BITS].sum())
+    # Incremental cost updates keep this O(steps). Aim a hair (1e-7 relative) under the
+    # limit so float32 table sums and summation order can never report a projected
+    # policy as over budget.
+    target = limit * (1 - 1e-7)
+    while cost > target:
+        for layer in range(table.num_layers - 1, -1, -1):
+            for col in (1, 0):  # activations, then weights
+                if pol[layer, col] > min_bits:
+                    old = per_layer[layer, pol[layer, 0] - MIN_BITS, pol[layer, 1] - MIN_BITS]
+                    pol[layer, col] -= 1
+                    new = per_layer[layer, pol[layer, 0] - MIN_BITS, pol[layer, 1] - MIN_BITS]
+                    cost += float(new - old)
+                    if cost <= target:
+                        return pol
+        if np.all(pol == min_bits):
+            return pol
+    return pol

@@ -1,0 +1,65 @@
+"""Policy encoding: an ``[L, 2]`` int array <-> flat Ray Tune config keys ``w_i``/``a_i``.
+
+Every searcher, Optuna's included, sees the same flat integer space, so a policy
+suggested by any of them means the same thing.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from hardware import MAX_BITS, MIN_BITS
+
+
+def w_key(i: int) -> str:
+    return f"w_{i}"
+
+
+def a_key(i: int) -> str:
+    return f"a_{i}"
+
+
+def policy_keys(num_layers: int) -> list[str]:
+    """Keys in policy order: ``w_0, a_0, w_1, a_1, ...`` (HAQ's step order)."""
+    return [k for i in range(num_layers) for k in (w_key(i), a_key(i))]
+
+
+def check_bit_range(min_bits: int, max_bits: int) -> None:
+    if not (MIN_BITS <= min_bits <= max_bits <= MAX_BITS):
+        raise ValueError(
+            f"bits: expected {MIN_BITS} <= min_bits <= max_bits <= {MAX_BITS}, "
+            f"got min_bits={min_bits}, max_bits={max_bits}"
+        )
+
+
+def bitwidth_space(num_layers: int, *, min_bits: int = MIN_BITS, max_bits: int = MAX_BITS) -> dict:
+    """Ray Tune ``param_space``: ``w_i``/``a_i`` integers in [min_bits, max_bits]."""
+    from ray import tune
+
+    check_bit_range(min_bits, max_bits)
+    return {k: tune.randint(min_bits, max_bits + 1) for k in policy_keys(num_layers)}
+
+
+def policy_from_config(config: dict, num_layers: int) -> np.ndarray:
+    """The ``[L, 2]`` policy in a trial config; KeyError names a missing key."""
+    pol = np.empty((num_layers, 2), dtype=np.int64)
+    for i in range(num_layers):
+        pol[i, 0] = int(round(float(config[w_key(i)])))
+        pol[i, 1] = int(round(float(config[a_key(i)])))
+    return pol
+
+
+def config_from_policy(policy) -> dict[str, int]:
+    pol = np.asarray(policy)
+    return {k: int(v) for i in range(pol.shape[0]) for k, v in ((w_key(i), pol[i, 0]), (a_key(i), pol[i, 1]))}
+
+
+def format_policy(policy) -> str:
+    """Compact text form, ``w/a`` per layer: ``8/8 4/6 2/3``."""
+    return " ".join(f"{int(w)}/{int(a)}" for w, a in np.asarray(policy))
+
+
+def parse_policy(text: str) -> np.ndarray:
+    """Inverse of ``format_policy``."""
+    pairs = [tok.split("/") for tok in str(text).split()]
+    return np.array([[int(w), int(a)] for w, a in pairs], dtype=np.int64)

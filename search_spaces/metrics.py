@@ -1,0 +1,16 @@
+"""Metric names, defined once. Trials report them, searchers and MLflow read them."""
+
+VAL_ACC = "val_acc"  # fraction in [0, 1], on the validation split (the search's reward signal)
+TEST_ACC = "test_acc"  # fraction in [0, 1], test split; only for the final best policies
+REF_ACC = "ref_acc"  # full-precision reference model's val_acc
+ACC_DROP = "acc_drop"  # ref_acc - val_acc
+LATENCY_MS = "latency_ms"
+ENERGY_MJ = "energy_mj"
+SIZE_MB = "size_mb"
+REWARD = "reward"  # HAQ's 0.1 * (val_acc - ref_acc)
+EPOCH = "epoch"
+POLICY = "policy"  # the projected (evaluated) policy, as "w/a w/a ..." text
+DONE = "final"  # 1 on the final report of a trial, 0 on per-epoch reports
+
+COST_METRICS = (LATENCY_MS, ENERGY_MJ, SIZE_MB)
+FINAL_METRICS = (VAL_ACC, ACC_DROP, LATENCY_MS, ENERGY_MJ, SIZE_MB, REWARD)
