@@ -1,0 +1,72 @@
+"""``haqtune`` command line (click). The CLI contract is in DESIGN.md."""
+
+from __future__ import annotations
+
+import click
+
+from .errors import HaqtuneError, fail, user_errors
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def main() -> None:
+    """haqtune: hardware-aware mixed-precision quantization search on Ray Tune."""
+
+
+
+
+@main.command()
+@click.argument("config_file", required=False)
+@click.option("--searcher", help="Searcher name (see `haqtune searchers`).")
+@click.option("--num-trials", type=int, help="Number of trials (policies evaluated).")
+@click.option("--hardware", help="Cost model (see `haqtune hardware`).")
+@click.option("--budget", help="latency=0.5 | latency_ms=12 | energy=0.5 | energy_mj=3 | size=0.5 | size_mb=1.0 | none")
+@click.option("--experiment", help="MLflow experiment name.")
+@click.option("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db).")
+@click.option("--storage-dir", help="Where search state goes (default ./haqtune_runs).")
+@click.option("--address", help="Ray cluster address (e.g. auto); default starts a local Ray.")
+@click.option("--max-concurrent", type=int, help="Trials in flight at once.")
+@click.option("--scheduler", help="fifo | asha (early stopping on val_acc per epoch).")
+@click.option("--seed", type=int, help="Seed of the whole search.")
+@click.option("--model", help="demo | torchvision name | module:callable.")
+@click.option("--dataset", help="digits | mnist | cifar10 | imagefolder.")
+@click.option("--min-bits", type=int)
+@click.option("--max-bits", type=int)
+def search(config_file, **flags) -> None:
+    """Run a search (CONFIG_FILE: YAML in configs/; none = the embedded demo)."""
+    from .config import SearchConfig
+
+    try:
+        config = SearchConfig.from_yaml(config_file) if config_file else SearchConfig()
+        config = config.replace(**flags)
+        from .search import prepare
+
+        prepared = prepare(config)
+    except (HaqtuneError, ValueError) as exc:
+        fail(str(exc))
+    from .search import run
+
+    run(prepared, echo=click.echo)
+
+
+@main.command()
+@user_errors
+def searchers() -> None:
+    """List the searchers."""
+    from orchestrator.searchers import list_searchers
+
+    infos = list_searchers()
+    width = max(len(n) for n in infos)
+    for name, info in infos.items():
+        click.echo(f"{name:<{width}}  {info.objective:<6}  {info.description}")
+
+
+def _attach_optional_commands() -> None:
+    try:
+        from .cost_cli import cost, hardware
+    except ImportError:  # pragma: no cover - during development only
+        return
+    main.add_command(hardware)
+    main.add_command(cost)
+
+
+_attach_optional_commands()

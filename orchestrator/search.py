@@ -1,0 +1,308 @@
+"""Tuner wiring: validate a config, build everything, run the Ray Tune experiment, summarize.
+
+``prepare`` does all validation with no side effects (no directory, no MLflow run),
+so bad input fails before anything is written; ``run`` then executes the search.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import time
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+
+import numpy as np
+
+from hardware import CostTable, LayerSpec, extract_layers, get_cost_model
+from search_spaces import check_feasible, format_policy, parse_policy
+from search_spaces import metrics as M
+from trainables.data import DATASETS
+from trainables.models import build_model
+
+from .config import SearchConfig, atomic_write_text
+from .errors import HaqtuneError
+
+CONFIG_FILE = "config.yaml"
+SUMMARY_FILE = "summary.json"
+CACHE_DIR = "_cache"  # reference models, shared by every search under one storage dir
+
+
+@dataclass
+class PreparedSearch:
+    config: SearchConfig
+    layers: list[LayerSpec]
+    table: CostTable
+    input_shape: tuple[int, int, int]
+    num_classes: int
+    budget_limit: float | None
+
+
+def _dataset_facts(config: SearchConfig) -> tuple[int, tuple[int, int, int] | None]:
+    if config.dataset not in DATASETS:
+        raise HaqtuneError(f"unknown dataset {config.dataset!r}: choose between {', '.join(DATASETS)}")
+    if config.dataset == "digits":
+        return 10, (1, 8, 8)
+    if config.dataset in ("mnist", "cifar10"):
+        return 10, None
+    from trainables.data import load_dataset
+
+    return load_dataset(config.dataset, root=config.data_root, input_size=config.input_size).num_classes, None
+
+
+def prepare(config: SearchConfig) -> PreparedSearch:
+    """Validate everything that can be checked before a trial runs; write nothing."""
+    try:
+        cost_model = get_cost_model(config.hardware, **config.hardware_options)
+        num_classes, data_shape = _dataset_facts(config)
+        built = build_model(config.model, num_classes=num_classes, input_size=config.input_size,
+                            in_channels=data_shape[0] if data_shape else None, seed=config.seed)
+        if data_shape is not None and tuple(built.input_shape) != data_shape:
+            raise HaqtuneError(
+                f"model {config.model!r} takes inputs of shape {list(built.input_shape)}, but dataset "
+                f"{config.dataset!r} has {list(data_shape)}: pick a model that fits (demo for digits)"
+            )
+        layers = extract_layers(built.model, built.input_shape)
+        table = cost_model.table(layers, config.batch)
+        limit = check_feasible(table, config.budget, config.min_bits) if config.budget else None
+    except HaqtuneError:
+        raise
+    except (ValueError, TypeError, RuntimeError) as exc:
+        raise HaqtuneError(str(exc)) from None
+    return PreparedSearch(config, layers, table, tuple(built.input_shape), num_classes, limit)
+
+
+def new_search_id(searcher: str) -> str:
+    return f"{searcher}-{datetime.now():%Y%m%d-%H%M%S}-{secrets.token_hex(2)}"
+
+
+class ProgressPrinter:
+    """Tune callback printing one line per finished trial: done / total and best so far."""
+
+    def __new__(cls, *args, **kwargs):
+        from ray.tune import Callback
+
+        # Built lazily so importing this module does not import Ray.
+        class _Printer(Callback):
+            def __init__(self, total: int, echo) -> None:
+                self.total, self.echo, self.done, self.best = total, echo, 0, None
+
+            def _line(self, trial, status: str) -> None:
+                self.done += 1
+                r = trial.last_result or {}
+                acc = r.get(M.VAL_ACC)
+                if status == "ok" and acc is not None:
+                    self.best = acc if self.best is None else max(self.best, acc)
+                desc = (f"val_acc={acc:.4f} latency_ms={r.get(M.LATENCY_MS, float('nan')):.4g} "
+                        f"energy_mj={r.get(M.ENERGY_MJ, float('nan')):.4g} size_mb={r.get(M.SIZE_MB, float('nan')):.4g}"
+                        if acc is not None else "no result")
+                best = f"{self.best:.4f}" if self.best is not None else "-"
+                self.echo(f"[{self.done}/{self.total}] {trial.trial_id} {status}: {desc} | best val_acc={best}")
+
+            def on_trial_complete(self, iteration, trials, trial, **info):
+                stopped = (trial.last_result or {}).get(M.DONE, 1) == 0
+                self._line(trial, "stopped early" if stopped else "ok")
+
+            def on_trial_error(self, iteration, trials, trial, **info):
+                self._line(trial, "FAILED")
+
+        return _Printer(*args, **kwargs)
+
+
+def _search_params(config: SearchConfig, prepared: PreparedSearch) -> dict:
+    return {
+        "searcher": config.searcher, "hardware": config.hardware, "budget": str(config.budget),
+        "model": config.model, "dataset": config.dataset, "seed": config.seed,
+        "num_trials": config.num_trials, "max_concurrent": config.max_concurrent,
+        "scheduler": config.scheduler, "num_layers": len(prepared.layers),
+        "min_bits": config.min_bits, "max_bits": config.max_bits,
+        "finetune_epochs": config.finetune.epochs, "batch": prepared.table.batch,
+    }
+
+
+def quiet_libraries() -> None:
+    """Keep the terminal to haqtune's own progress lines: Ray Tune's legacy reporter at
+    verbose=0 prints nothing, and Optuna / MLflow info logs say nothing a user needs."""
+    import logging
+
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    for name in ("optuna", "mlflow", "alembic"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    try:
+        import optuna
+
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+    except ImportError:  # pragma: no cover
+        pass
+
+
+def _init_ray(address: str | None) -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    ray.init(address=address, include_dashboard=False, log_to_driver=False,
+             configure_logging=True, logging_level="ERROR")
+
+
+def _scheduler(config: SearchConfig):
+    if config.scheduler == "fifo":
+        return None
+    from ray.tune.schedulers import ASHAScheduler
+
+    # Epochs are Tune iterations; a trial stopped at rung r reports the val_acc it reached.
+    return ASHAScheduler(metric=M.VAL_ACC, mode="max", time_attr="training_iteration",
+                         max_t=max(config.finetune.epochs, 1), grace_period=1, reduction_factor=2)
+
+
+def run(prepared: PreparedSearch, *, echo=print, search_id: str | None = None) -> dict:
+    """Run the search; returns the summary dict (also written to the search directory)."""
+    quiet_libraries()
+    from ray import tune
+
+    from orchestrator.searchers import SearchProblem, make_searcher
+    from trainables import TrialContext, TrainSettings, quantize_and_finetune
+    from trainables.data import load_dataset
+    from trainables.training import pick_device, reference_key, train_reference
+
+    from .tracking import MlflowTracker, resolve_tracking_uri
+
+    config = prepared.config
+    storage = Path(config.storage_dir).resolve()
+    search_id = search_id or new_search_id(config.searcher)
+    search_dir = storage / search_id
+    search_dir.mkdir(parents=True, exist_ok=False)
+    config.write_yaml(search_dir / CONFIG_FILE)
+    started = time.time()
+
+    echo(f"haqtune: search {search_id}: {config.searcher} on {config.model}/{config.dataset}, "
+         f"{config.hardware} (batch {prepared.table.batch}), budget {config.budget}, "
+         f"{len(prepared.layers)} layers, {config.num_trials} trials")
+    data = load_dataset(config.dataset, root=config.data_root, input_size=config.input_size)
+    ref = config.reference
+    state, ref_acc, _ = train_reference(
+        lambda: build_model(config.model, num_classes=prepared.num_classes, input_size=config.input_size,
+                            seed=config.seed).model,
+        data, TrainSettings(**vars(ref)), seed=config.seed, cache_dir=storage / CACHE_DIR,
+        key=reference_key(model=config.model, dataset=config.dataset, input_size=config.input_size),
+        device=pick_device(config.gpus_per_trial))
+    echo(f"haqtune: full-precision reference val_acc={ref_acc:.4f}")
+
+    context = TrialContext(
+        model=config.model, dataset=config.dataset, num_classes=prepared.num_classes,
+        input_size=config.input_size, layer_names=tuple(s.name for s in prepared.layers),
+        reference_state=state, ref_acc=ref_acc, table=prepared.table, budget=config.budget,
+        finetune=TrainSettings(**vars(config.finetune)), seed=config.seed,
+        min_bits=config.min_bits, max_bits=config.max_bits, data_root=os.path.abspath(config.data_root),
+        gpus_per_trial=config.gpus_per_trial)
+    problem = SearchProblem(
+        layers=prepared.layers, table=prepared.table, budget=config.budget, min_bits=config.min_bits,
+        max_bits=config.max_bits, cost_metric=config.budget.metric if config.budget else M.LATENCY_MS,
+        seed=config.seed, num_trials=config.num_trials, max_concurrent=config.max_concurrent,
+        extra={"ref_acc": ref_acc})
+    searcher = make_searcher(config.searcher, problem, **config.searcher_options)
+
+    tracker = MlflowTracker(
+        tracking_uri=resolve_tracking_uri(config.tracking_uri), experiment=config.experiment,
+        search_id=search_id, searcher=config.searcher, search_dir=search_dir,
+        params=_search_params(config, prepared), config_path=search_dir / CONFIG_FILE)
+    tracker.start()
+
+    _init_ray(config.address)
+    resources = {"cpu": config.cpus_per_trial, "gpu": config.gpus_per_trial}
+    trainable = tune.with_resources(tune.with_parameters(quantize_and_finetune, context=context), resources)
+    tuner = tune.Tuner(
+        trainable,
+        param_space={"_num_threads": max(1, int(config.cpus_per_trial))},
+        tune_config=tune.TuneConfig(search_alg=searcher, scheduler=_scheduler(config),
+                                    num_samples=config.num_trials,
+                                    max_concurrent_trials=config.max_concurrent,
+                                    trial_dirname_creator=lambda trial: f"trial_{trial.trial_id}"),
+        run_config=tune.RunConfig(
+            name=search_id, storage_path=str(storage), verbose=0,
+            callbacks=[ProgressPrinter(config.num_trials, echo), tracker],
+            failure_config=tune.FailureConfig(max_failures=config.max_failures)),
+    )
+    try:
+        results = tuner.fit()
+    except BaseException:
+        tracker.end("KILLED")
+        raise
+    summary = summarize(results, context, config, tracker, search_id, started, echo)
+    tracker.end("FINISHED")
+    return summary
+
+
+def results_frame(results):
+    """One row per trial: id, status, metrics, projected policy."""
+    import pandas as pd
+
+    rows = []
+    for r in results:
+        m = r.metrics or {}
+        row = {"trial_id": m.get("trial_id"), "status": "FAILED" if r.error else
+               ("FINISHED" if m.get(M.DONE, 1) else "KILLED")}
+        for key in (M.VAL_ACC, M.ACC_DROP, M.LATENCY_MS, M.ENERGY_MJ, M.SIZE_MB, M.REWARD, M.POLICY):
+            row[key] = m.get(key)
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def summarize(results, context, config: SearchConfig, tracker, search_id: str, started: float, echo) -> dict:
+    """Test-evaluate the best policies (the only time test is touched), print, log, write."""
+    import json
+
+    from trainables import evaluate_on_test
+
+    frame = results_frame(results)
+    ok = frame[frame[M.VAL_ACC].notna()].sort_values(M.VAL_ACC, ascending=False)
+    ok = ok.drop_duplicates(subset=[M.POLICY])
+    best_rows = []
+    for _, row in ok.head(config.test_top_k).iterrows():
+        best_rows.append({"trial_id": row["trial_id"], **evaluate_on_test(context, parse_policy(row[M.POLICY]))})
+    ref8 = context.table.evaluate(context.table.uniform(8))
+    reference = {M.LATENCY_MS: float(ref8.latency_ms[0]), M.ENERGY_MJ: float(ref8.energy_mj[0]),
+                 M.SIZE_MB: float(ref8.size_mb[0])}
+    summary = {
+        "search_id": search_id, "searcher": config.searcher, "num_trials": int(len(frame)),
+        "failed_trials": int((frame["status"] == "FAILED").sum()),
+        "wall_time_s": time.time() - started, "ref_acc": context.ref_acc,
+        "uniform_8bit": reference, "best": best_rows,
+    }
+    echo(f"\nhaqtune: {len(frame)} trials ({summary['failed_trials']} failed) in {summary['wall_time_s']:.0f} s; "
+         f"reference (full precision) val_acc={context.ref_acc:.4f}; uniform 8-bit: "
+         f"latency_ms={reference[M.LATENCY_MS]:.4g} energy_mj={reference[M.ENERGY_MJ]:.4g} size_mb={reference[M.SIZE_MB]:.4g}")
+    if best_rows:
+        echo(format_best_table(best_rows, reference))
+    atomic_write_text(Path(config.storage_dir).resolve() / search_id / SUMMARY_FILE, json.dumps(summary, indent=1))
+    metrics = {}
+    if best_rows:
+        b = best_rows[0]
+        metrics = {"best_val_acc": b[M.VAL_ACC], "best_test_acc": b[M.TEST_ACC],
+                   f"best_{M.LATENCY_MS}": b[M.LATENCY_MS], f"best_{M.ENERGY_MJ}": b[M.ENERGY_MJ],
+                   f"best_{M.SIZE_MB}": b[M.SIZE_MB], "ref_acc": context.ref_acc}
+        for key in (M.LATENCY_MS, M.ENERGY_MJ, M.SIZE_MB):
+            if b[key] > 0:
+                metrics[f"{key.split('_')[0]}_reduction_x"] = reference[key] / b[key]
+    tracker.log_summary(metrics, {
+        "results.csv": frame.to_csv(index=False),
+        "best_policy.json": json.dumps(best_rows[0] if best_rows else {}, indent=1),
+    })
+    echo(f"haqtune: results in {Path(config.storage_dir).resolve() / search_id}")
+    return summary
+
+
+def format_best_table(rows: list[dict], reference: dict) -> str:
+    """The final table: accuracy, costs (and reduction vs 8-bit), bits per layer."""
+    lines = [f"{'rank':>4}  {'val_acc':>7}  {'test_acc':>8}  {'latency_ms':>10}  {'energy_mj':>10}  "
+             f"{'size_mb':>8}  {'vs 8-bit (lat/en/size)':>22}  policy w/a per layer"]
+    for i, r in enumerate(rows, 1):
+        ratio = "/".join(f"{reference[k] / r[k]:.2f}x" if r[k] > 0 else "-"
+                         for k in (M.LATENCY_MS, M.ENERGY_MJ, M.SIZE_MB))
+        lines.append(f"{i:>4}  {r[M.VAL_ACC]:>7.4f}  {r[M.TEST_ACC]:>8.4f}  {r[M.LATENCY_MS]:>10.4g}  "
+                     f"{r[M.ENERGY_MJ]:>10.4g}  {r[M.SIZE_MB]:>8.4g}  {ratio:>22}  {r[M.POLICY]}")
+    return "\n".join(lines)
+
+

@@ -1,0 +1,149 @@
+"""Training and evaluation loops, readable top to bottom (nanoGPT-style)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .data import DataSplits, batches
+
+
+class DivergedError(RuntimeError):
+    """The loss became NaN/inf: the trial fails (and is retried or recorded), the search goes on."""
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    """Optimizer settings of one training run (reference training or a trial's fine-tune)."""
+
+    epochs: int
+    lr: float
+    batch_size: int = 64
+    weight_decay: float = 0.0
+    max_steps_per_epoch: int | None = None  # cap for big datasets: "brief" fine-tunes
+
+    def __post_init__(self) -> None:
+        if self.epochs < 0:
+            raise ValueError(f"epochs: expected >= 0, got {self.epochs}")
+        if not self.lr > 0:
+            raise ValueError(f"lr: expected > 0, got {self.lr}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size: expected >= 1, got {self.batch_size}")
+
+
+def pick_device(gpus: float = 0) -> torch.device:
+    """CUDA if this worker was given a GPU and CUDA works, else CPU; chosen once per trial."""
+    if gpus > 0 and torch.cuda.is_available():
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, dataset, *, device: torch.device, batch_size: int = 512) -> float:
+    """Top-1 accuracy in [0, 1]."""
+    was_training = model.training
+    model.eval()
+    correct = total = 0
+    for x, y in batches(dataset, batch_size, device=device):
+        correct += int((model(x).argmax(dim=1) == y).sum())
+        total += int(y.numel())
+    model.train(was_training)
+    return correct / max(total, 1)
+
+
+def train_epoch(model: nn.Module, data: DataSplits, optimizer: torch.optim.Optimizer,
+                settings: TrainSettings, *, generator: torch.Generator, device: torch.device,
+                scheduler=None) -> float:
+    """One pass over the training split; returns the mean loss. Raises DivergedError on NaN."""
+    model.train()
+    total, steps = 0.0, 0
+    for x, y in batches(data.train, settings.batch_size, shuffle=True, generator=generator, device=device):
+        loss = F.cross_entropy(model(x), y)
+        if not torch.isfinite(loss):
+            raise DivergedError(f"loss became {loss.item()} at step {steps}")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if scheduler is not None:
+            scheduler.step()
+        total += loss.item()
+        steps += 1
+        if settings.max_steps_per_epoch and steps >= settings.max_steps_per_epoch:
+            break
+    return total / max(steps, 1)
+
+
+def steps_per_epoch(data: DataSplits, settings: TrainSettings) -> int:
+    steps = math.ceil(len(data.train) / settings.batch_size)
+    return min(steps, settings.max_steps_per_epoch or steps)
+
+
+def make_optimizer(model: nn.Module, settings: TrainSettings, total_steps: int):
+    """SGD with Nesterov momentum and a cosine schedule over ``total_steps``."""
+    optimizer = torch.optim.SGD(model.parameters(), lr=settings.lr, momentum=0.9, nesterov=True,
+                                weight_decay=settings.weight_decay)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(total_steps, 1))
+    return optimizer, scheduler
+
+
+def train(model: nn.Module, data: DataSplits, settings: TrainSettings, *, seed: int,
+          device: torch.device) -> float:
+    """Train ``model`` in place; returns its validation accuracy."""
+    generator = torch.Generator().manual_seed(seed)
+    model.to(device)
+    optimizer, scheduler = make_optimizer(model, settings, settings.epochs * steps_per_epoch(data, settings))
+    for _ in range(settings.epochs):
+        train_epoch(model, data, optimizer, settings, generator=generator, device=device,
+                    scheduler=scheduler)
+    return evaluate(model, data.val, device=device)
+
+
+def content_hash(payload: dict) -> str:
+    """Stable short hash of a JSON-able dict (the reference-model cache key)."""
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def atomic_torch_save(obj, path: Path) -> None:
+    """``torch.save`` to a temp file in the same directory, then ``os.replace``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def reference_key(**payload) -> dict:
+    return {**payload, "torch": torch.__version__.split("+")[0]}
+
+
+def train_reference(build, data: DataSplits, settings: TrainSettings, *, seed: int,
+                    cache_dir: Path | None, key: dict, device: torch.device):
+    """The full-precision reference model: trained once per key, cached by content hash.
+
+    Returns ``(state_dict, val_acc, cache_path)``; ``build()`` makes the untrained model.
+    """
+    payload = {**key, "settings": asdict(settings), "seed": seed}
+    path = Path(cache_dir) / f"reference-{content_hash(payload)}.pt" if cache_dir else None
+    if path is not None and path.exists():
+        cached = torch.load(path, map_location="cpu", weights_only=True)
+        return cached["state_dict"], float(cached["val_acc"]), path
+    model = build()
+    val_acc = train(model, data, settings, seed=seed, device=device)
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    if path is not None:
+        atomic_torch_save({"state_dict": state, "val_acc": val_acc, "key": payload}, path)
+    return state, val_acc, path
