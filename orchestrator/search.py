@@ -255,6 +255,7 @@ def summarize(results, context, config: SearchConfig, tracker, search_id: str, s
     import json
 
     from trainables import evaluate_on_test
+    from trainables.trial import policy_costs
 
     frame = results_frame(results)
     ok = frame[frame[M.VAL_ACC].notna()].sort_values(M.VAL_ACC, ascending=False)
@@ -262,9 +263,7 @@ def summarize(results, context, config: SearchConfig, tracker, search_id: str, s
     best_rows = []
     for _, row in ok.head(config.test_top_k).iterrows():
         best_rows.append({"trial_id": row["trial_id"], **evaluate_on_test(context, parse_policy(row[M.POLICY]))})
-    ref8 = context.table.evaluate(context.table.uniform(8))
-    reference = {M.LATENCY_MS: float(ref8.latency_ms[0]), M.ENERGY_MJ: float(ref8.energy_mj[0]),
-                 M.SIZE_MB: float(ref8.size_mb[0])}
+    reference = policy_costs(context.table, context.table.uniform(8))
     summary = {
         "search_id": search_id, "searcher": config.searcher, "num_trials": int(len(frame)),
         "failed_trials": int((frame["status"] == "FAILED").sum()),

@@ -1,6 +1,13 @@
 """Per-layer bitwidth search spaces, policy encoding, budgets and their projection."""
 
-from ._budget import BUDGET_METRICS, Budget, InfeasibleBudgetError, check_feasible, project
+from ._budget import (
+    BUDGET_METRICS,
+    Budget,
+    InfeasibleBudgetError,
+    check_feasible,
+    policy_cost,
+    project,
+)
 from ._space import (
     a_key,
     bitwidth_space,
@@ -24,6 +31,7 @@ __all__ = [
     "config_from_policy",
     "format_policy",
     "parse_policy",
+    "policy_cost",
     "policy_from_config",
     "policy_keys",
     "project",

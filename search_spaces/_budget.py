@@ -67,8 +67,15 @@ class Budget:
         """The absolute limit in the metric's unit for this cost table."""
         if not self.relative:
             return float(self.limit)
-        reference = table.evaluate(table.uniform(MAX_BITS)).metric(self.metric)[0]
-        return float(self.limit * reference)
+        return float(self.limit * policy_cost(table, table.uniform(MAX_BITS), self.metric))
+
+
+_METRIC_COLUMN = {m: i for i, m in enumerate(BUDGET_METRICS)}
+
+
+def policy_cost(table: CostTable, policy, metric: str) -> float:
+    """Exact (float64) cost of one policy: the same sum trials report."""
+    return float(table.layer_costs(policy)[_METRIC_COLUMN[metric]].sum())
 
 
 def _layer_metric(table: CostTable, metric: str) -> np.ndarray:
@@ -84,8 +91,8 @@ def _layer_metric(table: CostTable, metric: str) -> np.ndarray:
 def check_feasible(table: CostTable, budget: Budget, min_bits: int = MIN_BITS) -> float:
     """Return the absolute limit; raise ``InfeasibleBudgetError`` if no policy meets it."""
     limit = budget.limit_for(table)
-    floor = table.evaluate(table.uniform(min_bits)).metric(budget.metric)[0]
-    if floor > limit * (1 + 1e-9):
+    floor = policy_cost(table, table.uniform(min_bits), budget.metric)
+    if floor > limit:
         raise InfeasibleBudgetError(
             f"budget {budget} is infeasible: it allows {budget.metric}={limit:.6g}, but even "
             f"every layer at {min_bits} bit(s) costs {floor:.6g}"
@@ -114,13 +121,10 @@ def project(
         return pol
     limit = check_feasible(table, budget, min_bits)
     per_layer = _layer_metric(table, budget.metric)
-    rows = np.arange(table.num_layers)
-    cost = float(per_layer[rows, pol[:, 0] - MIN_BITS, pol[:, 1] - MIN_BITS].sum())
-    # Incremental cost updates keep this O(steps). Aim a hair (1e-7 relative) under the
-    # limit so float32 table sums and summation order can never report a projected
-    # policy as over budget.
-    target = limit * (1 - 1e-7)
-    while cost > target:
+    cost = policy_cost(table, pol, budget.metric)
+    while cost > limit:
+        # Incremental updates keep a sweep O(steps); the exact sum (what trials report)
+        # decides when to stop, so float drift can never leave a policy over budget.
         for layer in range(table.num_layers - 1, -1, -1):
             for col in (1, 0):  # activations, then weights
                 if pol[layer, col] > min_bits:
@@ -128,8 +132,11 @@ def project(
                     pol[layer, col] -= 1
                     new = per_layer[layer, pol[layer, 0] - MIN_BITS, pol[layer, 1] - MIN_BITS]
                     cost += float(new - old)
-                    if cost <= target:
-                        return pol
+                    if cost <= limit * (1 + 1e-9):
+                        cost = policy_cost(table, pol, budget.metric)
+                        if cost <= limit:
+                            return pol
         if np.all(pol == min_bits):
             return pol
+        cost = policy_cost(table, pol, budget.metric)
     return pol
