@@ -61,12 +61,16 @@ def searchers() -> None:
 
 
 def _attach_optional_commands() -> None:
-    try:
-        from .cost_cli import cost, hardware
-    except ImportError:  # pragma: no cover - during development only
-        return
-    main.add_command(hardware)
-    main.add_command(cost)
+    # Commands living in their own modules; attached here so `haqtune --help` lists them.
+    import importlib
+
+    for module, names in (("cost_cli", ("hardware", "cost")), ("report_cli", ("compare", "ui"))):
+        try:
+            mod = importlib.import_module(f"{__package__}.{module}")
+        except ModuleNotFoundError:  # not written yet in this checkout
+            continue
+        for name in names:
+            main.add_command(getattr(mod, name))
 
 
 _attach_optional_commands()

@@ -13,10 +13,8 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
-import numpy as np
-
 from hardware import CostTable, LayerSpec, extract_layers, get_cost_model
-from search_spaces import check_feasible, format_policy, parse_policy
+from search_spaces import check_feasible, parse_policy
 from search_spaces import metrics as M
 from trainables.data import DATASETS
 from trainables.models import build_model
@@ -37,6 +35,7 @@ class PreparedSearch:
     input_shape: tuple[int, int, int]
     num_classes: int
     budget_limit: float | None
+    model_kwargs: dict  # build_model keywords every process uses (classes, input size, channels)
 
 
 def _dataset_facts(config: SearchConfig) -> tuple[int, tuple[int, int, int] | None]:
@@ -56,8 +55,12 @@ def prepare(config: SearchConfig) -> PreparedSearch:
     try:
         cost_model = get_cost_model(config.hardware, **config.hardware_options)
         num_classes, data_shape = _dataset_facts(config)
-        built = build_model(config.model, num_classes=num_classes, input_size=config.input_size,
-                            in_channels=data_shape[0] if data_shape else None, seed=config.seed)
+        # An in-memory dataset fixes the input shape; a model callable without its own
+        # ``input_shape`` is traced at that shape.
+        input_size = config.input_size or (data_shape[1] if data_shape else None)
+        model_kwargs = {"num_classes": num_classes, "input_size": input_size,
+                        "in_channels": data_shape[0] if data_shape else None}
+        built = build_model(config.model, seed=config.seed, **model_kwargs)
         if data_shape is not None and tuple(built.input_shape) != data_shape:
             raise HaqtuneError(
                 f"model {config.model!r} takes inputs of shape {list(built.input_shape)}, but dataset "
@@ -70,7 +73,7 @@ def prepare(config: SearchConfig) -> PreparedSearch:
         raise
     except (ValueError, TypeError, RuntimeError) as exc:
         raise HaqtuneError(str(exc)) from None
-    return PreparedSearch(config, layers, table, tuple(built.input_shape), num_classes, limit)
+    return PreparedSearch(config, layers, table, tuple(built.input_shape), num_classes, limit, model_kwargs)
 
 
 def new_search_id(searcher: str) -> str:
@@ -163,7 +166,7 @@ def run(prepared: PreparedSearch, *, echo=print, search_id: str | None = None) -
     from ray import tune
 
     from orchestrator.searchers import SearchProblem, make_searcher
-    from trainables import TrialContext, TrainSettings, quantize_and_finetune
+    from trainables import TrainSettings, TrialContext, quantize_and_finetune
     from trainables.data import load_dataset
     from trainables.training import pick_device, reference_key, train_reference
 
@@ -183,15 +186,14 @@ def run(prepared: PreparedSearch, *, echo=print, search_id: str | None = None) -
     data = load_dataset(config.dataset, root=config.data_root, input_size=config.input_size)
     ref = config.reference
     state, ref_acc, _ = train_reference(
-        lambda: build_model(config.model, num_classes=prepared.num_classes, input_size=config.input_size,
-                            seed=config.seed).model,
+        lambda: build_model(config.model, seed=config.seed, **prepared.model_kwargs).model,
         data, TrainSettings(**vars(ref)), seed=config.seed, cache_dir=storage / CACHE_DIR,
-        key=reference_key(model=config.model, dataset=config.dataset, input_size=config.input_size),
+        key=reference_key(model=config.model, dataset=config.dataset, **prepared.model_kwargs),
         device=pick_device(config.gpus_per_trial))
     echo(f"haqtune: full-precision reference val_acc={ref_acc:.4f}")
 
     context = TrialContext(
-        model=config.model, dataset=config.dataset, num_classes=prepared.num_classes,
+        model=config.model, dataset=config.dataset, model_kwargs=prepared.model_kwargs,
         input_size=config.input_size, layer_names=tuple(s.name for s in prepared.layers),
         reference_state=state, ref_acc=ref_acc, table=prepared.table, budget=config.budget,
         finetune=TrainSettings(**vars(config.finetune)), seed=config.seed,
@@ -290,6 +292,7 @@ def summarize(results, context, config: SearchConfig, tracker, search_id: str, s
         "best_policy.json": json.dumps(best_rows[0] if best_rows else {}, indent=1),
     })
     echo(f"haqtune: results in {Path(config.storage_dir).resolve() / search_id}")
+    echo(f"haqtune: MLflow runs: {tracker.ui_hint()}")
     return summary
 
 

@@ -211,6 +211,13 @@ class MlflowTracker(Callback):
                     path.write_text(content)
                 self.client.log_artifact(self.parent_run_id, str(path))
 
+    def ui_hint(self) -> str:
+        """Where a user sees this search: the server's URL, or how to start ``haqtune ui``."""
+        if self.tracking_uri.startswith(("http://", "https://")):
+            return experiment_url(self.tracking_uri, self.experiment_id)
+        return (f"run `haqtune ui --experiment {self.experiment}` and open "
+                f"{experiment_url('http://127.0.0.1:5000', self.experiment_id)}")
+
     def end(self, status: str = "FINISHED") -> None:
         if self.client is not None and self.parent_run_id is not None:
             self.client.set_terminated(self.parent_run_id, status=status)

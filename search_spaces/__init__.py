@@ -19,11 +19,14 @@ from ._space import (
     policy_keys,
     w_key,
 )
+from .knapsack import solve_mckp
+from .surrogate import SurrogateObjective
 
 __all__ = [
     "BUDGET_METRICS",
     "Budget",
     "InfeasibleBudgetError",
+    "SurrogateObjective",
     "a_key",
     "bitwidth_space",
     "check_bit_range",
@@ -35,5 +38,6 @@ __all__ = [
     "policy_from_config",
     "policy_keys",
     "project",
+    "solve_mckp",
     "w_key",
 ]

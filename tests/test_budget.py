@@ -5,13 +5,13 @@ from hypothesis import strategies as st
 
 from hardware import BITS, CostTable
 from search_spaces import (
-    policy_cost,
     Budget,
     InfeasibleBudgetError,
     bitwidth_space,
     config_from_policy,
     format_policy,
     parse_policy,
+    policy_cost,
     policy_from_config,
     project,
 )

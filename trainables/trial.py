@@ -40,8 +40,8 @@ class TrialContext:
 
     model: str
     dataset: str
-    num_classes: int
-    input_size: int | None
+    model_kwargs: dict  # build_model keywords: num_classes, input_size, in_channels
+    input_size: int | None  # the dataset's image size (ImageFolder resizing)
     layer_names: tuple[str, ...]
     reference_state: dict
     ref_acc: float
@@ -85,8 +85,7 @@ def finetune_policy(context: TrialContext, policy: np.ndarray, *, on_epoch=None)
     """
     device = pick_device(context.gpus_per_trial)
     data = _cached_dataset(context.dataset, context.data_root, context.input_size)
-    built = build_model(context.model, num_classes=context.num_classes,
-                        input_size=context.input_size, seed=context.seed)
+    built = build_model(context.model, seed=context.seed, **context.model_kwargs)
     model = built.model
     model.load_state_dict(context.reference_state)
     model.to(device)

@@ -1,0 +1,83 @@
+"""End-to-end: the real CLI, a local Ray instance, real training, a real sqlite MLflow store."""
+
+import json
+
+import pytest
+
+from e2e import run_cli, runs_of
+
+pytestmark = pytest.mark.slow
+
+
+def _search_dir(cwd):
+    dirs = [p for p in (cwd / "haqtune_runs").iterdir() if not p.name.startswith("_")]
+    assert len(dirs) == 1
+    return dirs[0]
+
+
+def test_demo_search_defaults(tmp_path):
+    n = 6
+    proc = run_cli(["search", "--num-trials", n], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"[{n}/{n}]" in proc.stdout and "policy w/a per layer" in proc.stdout
+    assert "workflowType=machine_learning" in proc.stdout
+    search_dir = _search_dir(tmp_path)
+    for name in ("config.yaml", "mlflow_runs.json", "summary.json"):
+        assert (search_dir / name).exists(), name
+    summary = json.loads((search_dir / "summary.json").read_text())
+    assert summary["ref_acc"] >= 0.95  # the demo net in full precision
+    assert summary["best"] and 0 <= summary["best"][0]["test_acc"] <= 1
+
+    parents, children = runs_of(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    assert len(parents) == 1 and len(children) == n
+    parent = parents[0]
+    assert parent.data.tags["haqtune.searcher"] == "random"
+    assert parent.data.params["hardware"] == "bismo-edge"
+    num_layers = int(parent.data.params["num_layers"])
+    keys = {f"{p}_{i}" for i in range(num_layers) for p in "wa"}
+    limit = 0.5 * summary["uniform_8bit"]["latency_ms"]
+    for child in children:
+        assert child.data.tags["mlflow.parentRunId"] == parent.info.run_id
+        assert keys <= set(child.data.params)
+        assert 0 <= child.data.metrics["val_acc"] <= 1
+        assert child.data.metrics["latency_ms"] <= limit  # default budget latency=0.5
+        assert child.info.status == "FINISHED"
+
+
+def test_tpe_size_budget(tmp_path):
+    proc = run_cli(["search", "--searcher", "tpe", "--budget", "size=0.5", "--num-trials", 8,
+                    "--tracking-uri", f"sqlite:///{tmp_path / 'store.db'}"], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((_search_dir(tmp_path) / "summary.json").read_text())
+    size8 = summary["uniform_8bit"]["size_mb"]
+    _, children = runs_of(f"sqlite:///{tmp_path / 'store.db'}")
+    assert len(children) == 8
+    assert all(c.data.metrics["size_mb"] <= 0.5 * size8 for c in children)
+    assert not (tmp_path / "mlflow.db").exists()  # --tracking-uri was honoured
+
+
+@pytest.mark.parametrize(("args", "setup", "message"), [
+    (["search", "missing.yaml"], None, "not found"),
+    (["search", "bad.yaml"], "searcher: [oops", "not valid YAML"),
+    (["search", "--searcher", "nope"], None, "unknown searcher 'nope'"),
+    (["search", "--max-bits", "9"], None, "max_bits <= 8"),
+    (["search", "--min-bits", "0"], None, "1 <= min_bits"),
+    (["search", "--budget", "size_mb=0.000001"], None, "infeasible"),
+    (["search", "--num-trials", "0"], None, "num_trials: expected an integer >= 1"),
+    (["search", "--hardware", "tpu"], None, "unknown hardware 'tpu'"),
+    (["search", "--model", "user_models:no_layers"], None, "no quantizable layer"),
+])
+def test_bad_input_one_line_exit_2_nothing_written(tmp_path, args, setup, message):
+    if setup is not None:
+        (tmp_path / "bad.yaml").write_text(setup)
+    import os
+
+    env = {"PYTHONPATH": os.pathsep.join([str(__import__("pathlib").Path(__file__).parent),
+                                          os.environ.get("PYTHONPATH", "")])}
+    proc = run_cli(args, tmp_path, timeout=120, env=env)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("haqtune: error: "), proc.stderr
+    assert message in lines[0]
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "haqtune_runs").exists()
