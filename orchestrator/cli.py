@@ -49,6 +49,19 @@ def search(config_file, **flags) -> None:
 
 
 @main.command()
+@click.argument("search_dir")
+def resume(search_dir) -> None:
+    """Continue an interrupted search (SEARCH_DIR: ./haqtune_runs/<search_id>)."""
+    from .search import resume_plan, run
+
+    try:
+        prepared, path = resume_plan(search_dir)
+    except (HaqtuneError, ValueError) as exc:
+        fail(str(exc))
+    run(prepared, echo=click.echo, resume_dir=path)
+
+
+@main.command()
 @user_errors
 def searchers() -> None:
     """List the searchers."""

@@ -88,8 +88,8 @@ class ProgressPrinter:
 
         # Built lazily so importing this module does not import Ray.
         class _Printer(Callback):
-            def __init__(self, total: int, echo) -> None:
-                self.total, self.echo, self.done, self.best = total, echo, 0, None
+            def __init__(self, total: int, echo, done: int = 0, best: float | None = None) -> None:
+                self.total, self.echo, self.done, self.best = total, echo, done, best
 
             def _line(self, trial, status: str) -> None:
                 self.done += 1
@@ -160,8 +160,15 @@ def _scheduler(config: SearchConfig):
                          max_t=max(config.finetune.epochs, 1), grace_period=1, reduction_factor=2)
 
 
-def run(prepared: PreparedSearch, *, echo=print, search_id: str | None = None) -> dict:
-    """Run the search; returns the summary dict (also written to the search directory)."""
+def run(prepared: PreparedSearch, *, echo=print, search_id: str | None = None,
+        resume_dir: Path | None = None) -> dict:
+    """Run the search; returns the summary dict (also written to the search directory).
+
+    With ``resume_dir`` (an existing search directory) the Ray Tune experiment is
+    restored instead (``Tuner.restore(..., resume_errored=True)``): finished trials are
+    kept, unfinished and errored ones run again, the searcher continues from its saved
+    state, and the MLflow tracker reattaches to the same parent and child runs.
+    """
     quiet_libraries()
     from ray import tune
 
@@ -173,14 +180,18 @@ def run(prepared: PreparedSearch, *, echo=print, search_id: str | None = None) -
     from .tracking import MlflowTracker, resolve_tracking_uri
 
     config = prepared.config
-    storage = Path(config.storage_dir).resolve()
-    search_id = search_id or new_search_id(config.searcher)
-    search_dir = storage / search_id
-    search_dir.mkdir(parents=True, exist_ok=False)
-    config.write_yaml(search_dir / CONFIG_FILE)
+    if resume_dir is not None:
+        search_dir = Path(resume_dir).resolve()
+        storage, search_id = search_dir.parent, search_dir.name
+    else:
+        storage = Path(config.storage_dir).resolve()
+        search_id = search_id or new_search_id(config.searcher)
+        search_dir = storage / search_id
+        search_dir.mkdir(parents=True, exist_ok=False)
+        config.write_yaml(search_dir / CONFIG_FILE)
     started = time.time()
 
-    echo(f"haqtune: search {search_id}: {config.searcher} on {config.model}/{config.dataset}, "
+    echo(f"haqtune: {'resuming' if resume_dir else 'search'} {search_id}: {config.searcher} on {config.model}/{config.dataset}, "
          f"{config.hardware} (batch {prepared.table.batch}), budget {config.budget}, "
          f"{len(prepared.layers)} layers, {config.num_trials} trials")
     data = load_dataset(config.dataset, root=config.data_root, input_size=config.input_size)
@@ -215,18 +226,27 @@ def run(prepared: PreparedSearch, *, echo=print, search_id: str | None = None) -
     _init_ray(config.address)
     resources = {"cpu": config.cpus_per_trial, "gpu": config.gpus_per_trial}
     trainable = tune.with_resources(tune.with_parameters(quantize_and_finetune, context=context), resources)
-    tuner = tune.Tuner(
-        trainable,
-        param_space={"_num_threads": max(1, int(config.cpus_per_trial))},
-        tune_config=tune.TuneConfig(search_alg=searcher, scheduler=_scheduler(config),
-                                    num_samples=config.num_trials,
-                                    max_concurrent_trials=config.max_concurrent,
-                                    trial_dirname_creator=lambda trial: f"trial_{trial.trial_id}"),
-        run_config=tune.RunConfig(
-            name=search_id, storage_path=str(storage), verbose=0,
-            callbacks=[ProgressPrinter(config.num_trials, echo), tracker],
-            failure_config=tune.FailureConfig(max_failures=config.max_failures)),
-    )
+    # A resumed search counts on from the trials its first driver saw finish.
+    callbacks = [ProgressPrinter(config.num_trials, echo, len(tracker.completed), tracker.best_val_acc),
+                 tracker]
+    if resume_dir is not None:
+        tuner = tune.Tuner.restore(str(search_dir), trainable=trainable, resume_errored=True)
+        # The pickled RunConfig carries the first driver's callbacks; this driver's own
+        # (with its echo and a tracker re-read from mlflow_runs.json) replace them. Tune
+        # has no public way to pass callbacks to a restored Tuner.
+        tuner._local_tuner._run_config.callbacks = callbacks
+    else:
+        tuner = tune.Tuner(
+            trainable,
+            param_space={"_num_threads": max(1, int(config.cpus_per_trial))},
+            tune_config=tune.TuneConfig(search_alg=searcher, scheduler=_scheduler(config),
+                                        num_samples=config.num_trials,
+                                        max_concurrent_trials=config.max_concurrent,
+                                        trial_dirname_creator=_trial_dirname),
+            run_config=tune.RunConfig(
+                name=search_id, storage_path=str(storage), verbose=0, callbacks=callbacks,
+                failure_config=tune.FailureConfig(max_failures=config.max_failures)),
+        )
     try:
         results = tuner.fit()
     except BaseException:
@@ -235,6 +255,21 @@ def run(prepared: PreparedSearch, *, echo=print, search_id: str | None = None) -
     summary = summarize(results, context, config, tracker, search_id, started, echo)
     tracker.end("FINISHED")
     return summary
+
+
+def _trial_dirname(trial) -> str:
+    return f"trial_{trial.trial_id}"
+
+
+def resume_plan(search_dir: str | Path) -> tuple[PreparedSearch, Path]:
+    """Validate a search directory and re-prepare its resolved config (writes nothing)."""
+    search_dir = Path(search_dir)
+    if not (search_dir / CONFIG_FILE).is_file() or not (search_dir / "tuner.pkl").is_file():
+        raise HaqtuneError(
+            f"{str(search_dir)!r} is not a haqtune search directory: expected {CONFIG_FILE} and "
+            "a Ray Tune experiment (tuner.pkl) in it, as under ./haqtune_runs/<search_id>/"
+        )
+    return prepare(SearchConfig.from_yaml(search_dir / CONFIG_FILE)), search_dir
 
 
 def results_frame(results):

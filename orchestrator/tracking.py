@@ -85,6 +85,13 @@ class MlflowTracker(Callback):
         self._params_logged: set[str] = set()
         self._load_mapping()
 
+    def __getstate__(self):
+        # Ray pickles the RunConfig (callbacks included) into tuner.pkl; a client is
+        # process-local and is rebuilt by ``start``.
+        state = self.__dict__.copy()
+        state["client"] = None
+        return state
+
     # ---- persistence ------------------------------------------------------------
 
     @property

@@ -44,16 +44,31 @@ def test_demo_search_defaults(tmp_path):
         assert child.info.status == "FINISHED"
 
 
-def test_tpe_size_budget(tmp_path):
+def test_tpe_size_budget_with_asha(tmp_path):
     proc = run_cli(["search", "--searcher", "tpe", "--budget", "size=0.5", "--num-trials", 8,
-                    "--tracking-uri", f"sqlite:///{tmp_path / 'store.db'}"], tmp_path)
+                    "--scheduler", "asha", "--tracking-uri", f"sqlite:///{tmp_path / 'store.db'}"], tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads((_search_dir(tmp_path) / "summary.json").read_text())
     size8 = summary["uniform_8bit"]["size_mb"]
     _, children = runs_of(f"sqlite:///{tmp_path / 'store.db'}")
     assert len(children) == 8
     assert all(c.data.metrics["size_mb"] <= 0.5 * size8 for c in children)
+    # ASHA may stop trials after their first epoch: they end KILLED, with the val_acc reached.
+    assert {c.info.status for c in children} <= {"FINISHED", "KILLED"}
     assert not (tmp_path / "mlflow.db").exists()  # --tracking-uri was honoured
+
+
+def test_failed_trials_do_not_kill_the_search(tmp_path):
+    # A learning rate this large makes every fine-tune diverge (NaN loss): each trial fails.
+    (tmp_path / "diverge.yaml").write_text(
+        "num_trials: 3\nmax_failures: 0\nfinetune: {epochs: 1, lr: 1.0e+12}\n")
+    proc = run_cli(["search", "diverge.yaml"], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("FAILED") >= 3
+    _, children = runs_of(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    assert len(children) == 3 and all(c.info.status == "FAILED" for c in children)
+    summary = json.loads((_search_dir(tmp_path) / "summary.json").read_text())
+    assert summary["failed_trials"] == 3 and summary["best"] == []
 
 
 @pytest.mark.parametrize(("args", "setup", "message"), [
