@@ -6,9 +6,15 @@ Public API::
     layers = extract_layers(model, (3, 224, 224))
     table = get_cost_model("bismo-edge").table(layers)   # CostTable, built once
     costs = table.evaluate(policies)                     # [N, L, 2] -> Costs
+
+Registered models (``list_cost_models()``): ``bismo-edge`` and ``bismo-cloud`` (the
+BISMO bit-serial overlay on a Zynq-7020 / a VU9P, as in HAQ), ``bitfusion``
+(BitFusion, ISCA 2018) and ``table`` (your own measurements, ``path=...``).
 """
 
 from ._analytic import AnalyticCostModel
+from ._bismo import BISMO_CLOUD, BISMO_EDGE, BismoConfig, BismoCostModel
+from ._bitfusion import BITFUSION, BitFusionConfig, BitFusionCostModel
 from ._cost import (
     BITS,
     BYTES_PER_MB,
@@ -22,8 +28,12 @@ from ._cost import (
 )
 from ._layers import LAYER_KINDS, LayerSpec, NoQuantizableLayersError, extract_layers
 from ._registry import UnknownHardwareError, get_cost_model, list_cost_models, register_cost_model
+from ._table import TableCostModel, load_table
 
 __all__ = [
+    "BISMO_CLOUD",
+    "BISMO_EDGE",
+    "BITFUSION",
     "BITS",
     "BYTES_PER_MB",
     "LAYER_KINDS",
@@ -31,15 +41,21 @@ __all__ = [
     "MIN_BITS",
     "NUM_BITS",
     "AnalyticCostModel",
+    "BismoConfig",
+    "BismoCostModel",
+    "BitFusionConfig",
+    "BitFusionCostModel",
     "CostModel",
     "CostTable",
     "Costs",
     "LayerSpec",
     "NoQuantizableLayersError",
+    "TableCostModel",
     "UnknownHardwareError",
     "check_policies",
     "extract_layers",
     "get_cost_model",
     "list_cost_models",
+    "load_table",
     "register_cost_model",
 ]

@@ -1,0 +1,173 @@
+"""BitFusion: a bit-level dynamically composable systolic array (Sharma et al., ISCA 2018).
+
+The array has 16 x 32 Fusion Units (FUs), each made of 16 2-bit x 2-bit BitBricks
+that fuse into one 8x8 multiplier, four 4x4 (or 8x2) ones, or sixteen 2x2 ones:
+an FU does ``16 / (bricks(w) * bricks(a))`` MACs per cycle, where ``bricks(b)`` is
+the number of 2-bit slices a ``b``-bit operand needs, rounded up to the fusion
+granularity the hardware supports (1, 2 or 4 slices: 2, 4 or 8 bits). 1-bit
+operands run as 2-bit ones; 3-bit as 4-bit; 5 to 7-bit as 8-bit (the authors'
+simulator, ``Simulator.get_perf_factor``, does the same). Inputs enter the 16 rows
+(the reduction), outputs leave the 32 columns; fused products inside an FU extend
+the reduction, so one cycle covers ``16 * MACs-per-FU`` of ``K`` for 32 outputs.
+
+Memory: the input feature map, weights and outputs stream between DRAM
+(192 bit/cycle) and three on-chip buffers (IBUF, WBUF, OBUF), double-buffered;
+im2col patches are formed on chip from the IBUF, so DRAM sees the feature map
+once per pass, not the lowered matrix. Outputs leave requantized to the layer's
+activation precision (each BitFusion layer declares its output precision).
+
+Constants are from the paper and from the authors' simulator configuration for
+the comparison with Eyeriss (github.com/hsharma35/bitfusion, ``bf_e_conf.ini``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from ._analytic import AnalyticCostModel
+from ._gemm import (
+    E_ADD32_J,
+    E_DRAM_BIT_J,
+    E_MULT8_J,
+    E_REG_BIT_J,
+    bit_arrays,
+    ceil_div,
+    gemm_shapes,
+    sram_bit_energy_j,
+    streamed_bits,
+)
+from ._layers import LayerSpec
+from ._registry import register_cost_model
+
+KIB = 1024
+# Partial sums are 32-bit in the OBUF (authors' simulator: obuf_bits = 32).
+PSUM_BITS = 32
+# The authors' simulator halves every buffer for double buffering.
+DOUBLE_BUFFER_FRACTION = 1 / 2
+# Fusion granularity: 2-bit slices per operand, rounded up to 1, 2 or 4.
+_BRICKS_BY_BITS = np.array([0, 1, 1, 2, 2, 4, 4, 4, 4], dtype=np.float64)
+
+
+def bricks(bits) -> np.ndarray:
+    """2-bit BitBrick slices one ``bits``-wide operand occupies (1, 2 or 4)."""
+    return _BRICKS_BY_BITS[np.asarray(bits, dtype=np.int64)]
+
+
+@dataclass(frozen=True)
+class BitFusionConfig:
+    rows: int = 16  # FUs per column: reduction inputs per cycle at 8 bits (paper, Sec. 5)
+    cols: int = 32  # FUs per row: outputs per cycle (paper; bf_e_conf.ini a=16, c=32)
+    bricks_per_fu: int = 16  # 4 x 4 BitBricks of 2x2 bits per Fusion Unit (paper, Fig. 4)
+    clock_hz: float = 500e6  # paper, 45 nm synthesis; conf.ini frequency
+    dram_bits_per_cycle: float = 192  # bf_e_conf.ini if_width
+    wbuf_bytes: int = 64 * KIB  # bf_e_conf.ini Wgt_SRAM
+    ibuf_bytes: int = 32 * KIB  # bf_e_conf.ini Act_SRAM
+    obuf_bytes: int = 16 * KIB  # bf_e_conf.ini Out_SRAM
+    # At 8x8 an FU is one 8-bit multiplier plus a 32-bit accumulate: 0.2 + 0.1 pJ at 45 nm
+    # (Horowitz, ISSCC 2014). At 4 or 2 bits the same bricks and adder tree switch per
+    # cycle and serve 4 or 16 products: energy per MAC falls with bricks(w) * bricks(a).
+    e_fu_cycle_j: float = E_MULT8_J + E_ADD32_J
+    e_dram_bit_j: float = E_DRAM_BIT_J  # 200x a register access (Eyeriss), 20 pJ/bit
+    # Leakage of 112 KB of 45 nm SRAM and the array, order of magnitude (CACTI-class
+    # ~0.3 mW/KB plus logic); small beside dynamic energy, as in the paper's breakdown.
+    static_power_w: float = 0.05
+    # The authors' benchmarks (src/benchmarks/benchmarks.py) all run at batch 16.
+    default_batch: int = 16
+
+    def __post_init__(self) -> None:
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            if not value > 0:
+                raise ValueError(f"{field.name}: expected a positive number, got {value!r}")
+
+    @property
+    def fusion_units(self) -> int:
+        return self.rows * self.cols
+
+    def peak_macs_per_s(self, w_bits: int, a_bits: int) -> float:
+        """Array throughput when every FU is busy: 512 * 16 / (bricks(w) * bricks(a)) * f."""
+        per_fu = self.bricks_per_fu / float(bricks(w_bits) * bricks(a_bits))
+        return self.fusion_units * per_fu * self.clock_hz
+
+
+BITFUSION = BitFusionConfig()
+
+
+class BitFusionCostModel(AnalyticCostModel):
+    """Roofline model of BitFusion (see the module docstring)."""
+
+    def __init__(self, *, name: str, description: str, config: BitFusionConfig) -> None:
+        self.name = name
+        self.description = description
+        self.config = config
+        self.default_batch = config.default_batch
+
+    def grid_costs(
+        self, specs: Sequence[LayerSpec], w_bits, a_bits, batch: int
+    ) -> tuple[np.ndarray, np.ndarray]:
+        cfg = self.config
+        w, a, ndim = bit_arrays(w_bits, a_bits)
+        g = gemm_shapes(specs, batch, ndim)
+
+        # Compute: per group, M rows stream through ceil(N/32) column tiles, each
+        # reducing 16 * MACs-per-FU elements of K per cycle.
+        macs_per_fu = cfg.bricks_per_fu / (bricks(w) * bricks(a))
+        k_tiles = ceil_div(g.k, cfg.rows * macs_per_fu)
+        n_tiles = ceil_div(g.n, cfg.cols)
+        compute_cycles = g.groups * g.m * n_tiles * k_tiles
+
+        # DRAM: feature map, weights and (requantized) outputs per group, with re-streaming
+        # when neither operand fits its (double-buffered) buffer.
+        act_bits = g.input_elems * a
+        wgt_bits = g.n * g.k * w
+        out_bits = g.m * g.n * a
+        ibuf_cap = cfg.ibuf_bytes * 8 * DOUBLE_BUFFER_FRACTION
+        wbuf_cap = cfg.wbuf_bytes * 8 * DOUBLE_BUFFER_FRACTION
+        psum_bits = g.m * g.n * PSUM_BITS
+        dram_bits = g.groups * (streamed_bits(act_bits, wgt_bits, ibuf_cap, wbuf_cap, psum_bits) + out_bits)
+        memory_cycles = dram_bits / cfg.dram_bits_per_cycle
+
+        latency_s = np.maximum(compute_cycles, memory_cycles) / cfg.clock_hz
+
+        # Energy by level. Each FU reads its weights from its own WBUF bank (64 KB / 512 FUs
+        # = 128 B: register-file class); activations are read from the IBUF once per column
+        # tile and shared along the row; partial sums go through the OBUF once per K tile.
+        e_wbuf_bank = sram_bit_energy_j(cfg.wbuf_bytes / cfg.fusion_units)
+        e_wbuf = sram_bit_energy_j(cfg.wbuf_bytes)
+        e_ibuf = sram_bit_energy_j(cfg.ibuf_bytes)
+        e_obuf = sram_bit_energy_j(cfg.obuf_bytes)
+        register_j = g.macs * w * max(e_wbuf_bank, E_REG_BIT_J)
+        sram_j = (
+            g.groups * g.m * g.k * a * n_tiles * e_ibuf
+            + g.groups * g.m * g.n * k_tiles * 2 * PSUM_BITS * e_obuf
+            # Every DRAM bit is written into a buffer; charged at the largest (WBUF).
+            + dram_bits * e_wbuf
+        )
+        energy_j = (
+            compute_cycles * cfg.fusion_units * cfg.e_fu_cycle_j
+            + register_j
+            + sram_j
+            + dram_bits * cfg.e_dram_bit_j
+            + cfg.static_power_w * latency_s
+        )
+        return latency_s, energy_j
+
+
+_DESCRIPTION = "BitFusion (ISCA 2018): 16x32 fusible 2-bit BitBrick array, 500 MHz, 45 nm, batch 16"
+
+
+@register_cost_model("bitfusion", _DESCRIPTION)
+def bitfusion(**overrides) -> BitFusionCostModel:
+    """Build the model; keyword arguments override fields of its ``BitFusionConfig``."""
+    known = {f.name for f in dataclasses.fields(BitFusionConfig)}
+    unknown = sorted(set(overrides) - known)
+    if unknown:
+        raise ValueError(
+            f"bitfusion: unknown option(s) {', '.join(unknown)}: choose between {', '.join(sorted(known))}"
+        )
+    return BitFusionCostModel(name="bitfusion", description=_DESCRIPTION,
+                              config=dataclasses.replace(BITFUSION, **overrides))
