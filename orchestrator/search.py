@@ -130,6 +130,7 @@ def quiet_libraries() -> None:
     import logging
 
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     for name in ("optuna", "mlflow", "alembic"):
         logging.getLogger(name).setLevel(logging.WARNING)
@@ -214,7 +215,7 @@ def run(prepared: PreparedSearch, *, echo=print, search_id: str | None = None,
         layers=prepared.layers, table=prepared.table, budget=config.budget, min_bits=config.min_bits,
         max_bits=config.max_bits, cost_metric=config.budget.metric if config.budget else M.LATENCY_MS,
         seed=config.seed, num_trials=config.num_trials, max_concurrent=config.max_concurrent,
-        extra={"ref_acc": ref_acc})
+        extra={"ref_acc": ref_acc}, accuracy_oracle=_accuracy_oracle(config, context))
     searcher = make_searcher(config.searcher, problem, **config.searcher_options)
 
     tracker = MlflowTracker(
@@ -242,6 +243,9 @@ def run(prepared: PreparedSearch, *, echo=print, search_id: str | None = None,
             tune_config=tune.TuneConfig(search_alg=searcher, scheduler=_scheduler(config),
                                         num_samples=config.num_trials,
                                         max_concurrent_trials=config.max_concurrent,
+                                        # One worker process per slot for the whole search:
+                                        # importing torch per trial would cost seconds each.
+                                        reuse_actors=True,
                                         trial_dirname_creator=_trial_dirname),
             run_config=tune.RunConfig(
                 name=search_id, storage_path=str(storage), verbose=0, callbacks=callbacks,
@@ -255,6 +259,20 @@ def run(prepared: PreparedSearch, *, echo=print, search_id: str | None = None,
     summary = summarize(results, context, config, tracker, search_id, started, echo)
     tracker.end("FINISHED")
     return summary
+
+
+# Searchers that measure per-layer sensitivity through ``SearchProblem.accuracy_oracle``.
+# Only they get one: the oracle holds the reference weights, and the searcher (with
+# its problem) is pickled into the Tune experiment state.
+ORACLE_SEARCHERS = ("sensitivity-dp",)
+
+
+def _accuracy_oracle(config: SearchConfig, context):
+    if config.searcher not in ORACLE_SEARCHERS:
+        return None
+    from trainables.sensitivity import make_sensitivity_oracle
+
+    return make_sensitivity_oracle(context)  # lazy: loads data and model on its first call
 
 
 def _trial_dirname(trial) -> str:
@@ -312,20 +330,46 @@ def summarize(results, context, config: SearchConfig, tracker, search_id: str, s
          f"latency_ms={reference[M.LATENCY_MS]:.4g} energy_mj={reference[M.ENERGY_MJ]:.4g} size_mb={reference[M.SIZE_MB]:.4g}")
     if best_rows:
         echo(format_best_table(best_rows, reference))
+    from orchestrator.searchers import searcher_info
+
+    if searcher_info(config.searcher).objective == "multi":
+        cost_key = config.budget.metric if config.budget else M.LATENCY_MS  # the searcher's cost_metric
+        done = frame[(frame["status"] == "FINISHED") & frame[M.VAL_ACC].notna()]
+        summary["pareto_front"] = pareto_front(done.to_dict("records"), cost_key=cost_key)
+        echo(format_pareto_table(summary["pareto_front"], cost_key))
     atomic_write_text(Path(config.storage_dir).resolve() / search_id / SUMMARY_FILE, json.dumps(summary, indent=1))
-    metrics = {}
+    # Parent-run metrics: the MLflow runs table's columns for comparing searches.
+    metrics = {"ref_acc": context.ref_acc, "trials_failed": summary["failed_trials"],
+               "wall_time_s": summary["wall_time_s"],
+               **{f"uniform8_{key}": reference[key] for key in M.COST_METRICS}}
     if best_rows:
         b = best_rows[0]
-        metrics = {"best_val_acc": b[M.VAL_ACC], "best_test_acc": b[M.TEST_ACC],
-                   f"best_{M.LATENCY_MS}": b[M.LATENCY_MS], f"best_{M.ENERGY_MJ}": b[M.ENERGY_MJ],
-                   f"best_{M.SIZE_MB}": b[M.SIZE_MB], "ref_acc": context.ref_acc}
-        for key in (M.LATENCY_MS, M.ENERGY_MJ, M.SIZE_MB):
+        metrics.update({"best_val_acc": b[M.VAL_ACC], "best_test_acc": b[M.TEST_ACC],
+                        "best_acc_drop": b[M.ACC_DROP], f"best_{M.LATENCY_MS}": b[M.LATENCY_MS],
+                        f"best_{M.ENERGY_MJ}": b[M.ENERGY_MJ], f"best_{M.SIZE_MB}": b[M.SIZE_MB]})
+        for key in M.COST_METRICS:
             if b[key] > 0:
                 metrics[f"{key.split('_')[0]}_reduction_x"] = reference[key] / b[key]
-    tracker.log_summary(metrics, {
+    artifacts = {
         "results.csv": frame.to_csv(index=False),
         "best_policy.json": json.dumps(best_rows[0] if best_rows else {}, indent=1),
-    })
+    }
+    if "pareto_front" in summary:
+        artifacts["pareto_front.json"] = json.dumps(summary["pareto_front"], indent=1)
+    try:
+        from .report import search_artifacts
+
+        built = build_model(config.model, seed=config.seed, **context.model_kwargs)
+        specs = extract_layers(built.model, built.input_shape)
+        artifacts.update(search_artifacts(
+            frame, best_rows[0] if best_rows else None, layer_names=[s.name for s in specs],
+            layer_kinds=[s.kind for s in specs],
+            cost_metric=config.budget.metric if config.budget else M.LATENCY_MS, reference=reference,
+            budget_limit=config.budget.limit_for(context.table) if config.budget else None,
+            ref_acc=context.ref_acc, label=search_id))
+    except Exception as exc:  # plots are a convenience; never lose a finished search to them
+        echo(f"haqtune: warning: plots skipped ({type(exc).__name__}: {exc})")
+    tracker.log_summary(metrics, artifacts)
     echo(f"haqtune: results in {Path(config.storage_dir).resolve() / search_id}")
     echo(f"haqtune: MLflow runs: {tracker.ui_hint()}")
     return summary
@@ -343,3 +387,39 @@ def format_best_table(rows: list[dict], reference: dict) -> str:
     return "\n".join(lines)
 
 
+def pareto_front(rows: list[dict], *, acc_key: str = M.VAL_ACC, cost_key: str = M.LATENCY_MS) -> list[dict]:
+    """The rows no other row beats on both ``acc_key`` (max) and ``cost_key`` (min).
+
+    Sorted by cost, cheapest first (so accuracy strictly increases along the front);
+    of rows with equal accuracy and cost only the first is kept. Rows missing either
+    value are ignored. Returns plain dicts with trial id, accuracy, costs and policy.
+    """
+    import math
+
+    keep = ("trial_id", M.VAL_ACC, M.LATENCY_MS, M.ENERGY_MJ, M.SIZE_MB, M.POLICY)
+    valid = []
+    for row in rows:
+        acc, cost = row.get(acc_key), row.get(cost_key)
+        if acc is None or cost is None or not (math.isfinite(acc) and math.isfinite(cost)):
+            continue
+        valid.append(row)
+    # Cheapest first, most accurate first among equal costs: a row is on the front
+    # exactly when it is more accurate than every cheaper-or-equal row before it.
+    valid.sort(key=lambda r: (r[cost_key], -r[acc_key]))
+    front, best = [], -math.inf
+    for row in valid:
+        if row[acc_key] > best:
+            best = row[acc_key]
+            front.append({k: (float(row[k]) if isinstance(row.get(k), float) else row.get(k))
+                          for k in dict.fromkeys((*keep, acc_key, cost_key)) if k in row})
+    return front
+
+
+def format_pareto_table(front: list[dict], cost_key: str) -> str:
+    """The Pareto front as a table, cheapest first."""
+    lines = [f"\nPareto front (val_acc max, {cost_key} min): {len(front)} policies",
+             f"{'val_acc':>7}  {'latency_ms':>10}  {'energy_mj':>10}  {'size_mb':>8}  trial_id  policy w/a per layer"]
+    for r in front:
+        lines.append(f"{r[M.VAL_ACC]:>7.4f}  {r[M.LATENCY_MS]:>10.4g}  {r[M.ENERGY_MJ]:>10.4g}  "
+                     f"{r[M.SIZE_MB]:>8.4g}  {r.get('trial_id')}  {r.get(M.POLICY)}")
+    return "\n".join(lines)

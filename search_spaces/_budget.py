@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 
 import numpy as np
@@ -88,6 +89,19 @@ def _layer_metric(table: CostTable, metric: str) -> np.ndarray:
     return np.broadcast_to(size / 8.0 / BYTES_PER_MB, (table.num_layers, NUM_BITS, NUM_BITS))
 
 
+# (limit, per-layer cost grid) per (table, budget, min_bits): searchers project every
+# suggestion, and recomputing these each time doubled the cost of a HAQ suggestion.
+_PLANS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _plan(table: CostTable, budget: Budget, min_bits: int) -> tuple[float, np.ndarray]:
+    plans = _PLANS.setdefault(table, {})
+    key = (budget, min_bits)
+    if key not in plans:
+        plans[key] = (check_feasible(table, budget, min_bits), _layer_metric(table, budget.metric))
+    return plans[key]
+
+
 def check_feasible(table: CostTable, budget: Budget, min_bits: int = MIN_BITS) -> float:
     """Return the absolute limit; raise ``InfeasibleBudgetError`` if no policy meets it."""
     limit = budget.limit_for(table)
@@ -119,8 +133,7 @@ def project(
     pol = np.clip(check_policies(policy, table.num_layers)[0], min_bits, max_bits).astype(np.int64)
     if budget is None:
         return pol
-    limit = check_feasible(table, budget, min_bits)
-    per_layer = _layer_metric(table, budget.metric)
+    limit, per_layer = _plan(table, budget, min_bits)
     cost = policy_cost(table, pol, budget.metric)
     while cost > limit:
         # Incremental updates keep a sweep O(steps); the exact sum (what trials report)

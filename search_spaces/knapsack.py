@@ -88,6 +88,21 @@ def solve_mckp(
     return choices
 
 
+def _undominated(values: np.ndarray, bins: np.ndarray, capacity: int) -> list[int]:
+    """Options of one row not dominated by a cheaper-or-equal, better-or-equal one.
+
+    Only the best solution is wanted when this is used: a dominated option can always
+    be swapped for its dominator without losing value or feasibility.
+    """
+    order = np.lexsort((np.arange(len(values)), -values, bins))  # cost asc, value desc, index
+    keep, best_value = [], -np.inf
+    for opt in order:
+        if bins[opt] <= capacity and values[opt] > best_value:
+            keep.append(int(opt))
+            best_value = values[opt]
+    return sorted(keep)
+
+
 def mckp_dp(
     values: np.ndarray, bins: np.ndarray, capacity: int, top_k: int
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -111,18 +126,19 @@ def mckp_dp(
         new = np.full((cells, top_k), -np.inf)
         new_opt = np.zeros((cells, top_k), dtype=np.int32)
         new_rank = np.zeros((cells, top_k), dtype=np.int32)
-        for opt in range(num_options):
+        options = _undominated(values[row], bins[row], capacity) if top_k == 1 else range(num_options)
+        for opt in options:
             shift, value = int(bins[row, opt]), values[row, opt]
             if shift > capacity or value == -np.inf:
                 continue
+            if top_k == 1:
+                cand = best[: cells - shift, 0] + value
+                better = cand > new[shift:, 0]  # strict: ties keep the earlier option
+                np.copyto(new[shift:, 0], cand, where=better)
+                np.copyto(new_opt[shift:, 0], opt, where=better)
+                continue
             cand = np.full((cells, top_k), -np.inf)
             cand[shift:] = best[: cells - shift] + value
-            if top_k == 1:
-                better = cand[:, 0] > new[:, 0]  # strict: ties keep the lower option index
-                new[better, 0] = cand[better, 0]
-                new_opt[better, 0] = opt
-                new_rank[better, 0] = 0
-                continue
             # Merge two descending lists per cell and keep the top_k (stable: ties
             # keep earlier options first).
             merged = np.concatenate([new, cand], axis=1)

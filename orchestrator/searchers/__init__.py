@@ -5,7 +5,7 @@
 """
 
 # Importing a searcher module registers it.
-from . import _optuna  # noqa: F401
+from . import _optuna, haq, sensitivity_dp, uniform  # noqa: F401
 from ._base import SearchProblem
 from ._registry import (
     SearcherInfo,

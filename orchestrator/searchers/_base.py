@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -18,6 +18,12 @@ class SearchProblem:
 
     ``metric``/``mode`` are what the searcher optimizes (``val_acc``/``max`` by default);
     ``cost_metric`` is the hardware cost multi-objective searchers trade against.
+
+    ``accuracy_oracle(layer, w_bits, a_bits) -> val_acc`` is an optional cheap accuracy
+    estimate used by sensitivity-based searchers (``sensitivity-dp``): the validation
+    accuracy of the network with only layer ``layer`` quantized to ``(w_bits, a_bits)``
+    (every other layer in full precision), calibrated but not fine-tuned;
+    ``layer=None`` quantizes nothing (the full-precision reference).
     """
 
     layers: Sequence[LayerSpec]
@@ -32,6 +38,7 @@ class SearchProblem:
     num_trials: int | None = None
     max_concurrent: int = 1
     extra: dict = field(default_factory=dict)
+    accuracy_oracle: Callable[[int | None, int, int], float] | None = None
 
     def __post_init__(self) -> None:
         check_bit_range(self.min_bits, self.max_bits)
