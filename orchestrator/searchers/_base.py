@@ -65,3 +65,17 @@ class SearchProblem:
             return np.clip(np.asarray(policy, dtype=np.int64), self.min_bits, self.max_bits)
         return project(policy, self.table, self.budget,
                        min_bits=self.min_bits, max_bits=self.max_bits)
+
+
+class SearchPropertiesMixin:
+    """``set_search_properties`` for custom searchers that take their space from a
+    ``SearchProblem``: Tune may still override metric and mode; the space stays."""
+
+    def set_search_properties(self, metric, mode, config, **spec) -> bool:
+        if mode is not None and mode not in ("min", "max"):
+            raise ValueError(f"mode: choose between 'min', 'max', got {mode!r}")
+        if metric:
+            self._metric = metric
+        if mode:
+            self._mode = mode
+        return True

@@ -87,7 +87,7 @@ from hardware import LayerSpec
 from search_spaces import config_from_policy, parse_policy
 from search_spaces import metrics as M
 
-from ._base import SearchProblem
+from ._base import SearchProblem, SearchPropertiesMixin
 from ._registry import register_searcher
 
 NUM_FEATURES = 10
@@ -348,7 +348,7 @@ class _Episode:
     description="HAQ's DDPG agent: per-layer W/A bits as continuous actions, reward 0.1*(acc - ref)",
     objective="single",
 )
-class HAQSearcher(Searcher):
+class HAQSearcher(SearchPropertiesMixin, Searcher):
     """HAQ's DDPG reinforcement-learning searcher (see the module docstring).
 
     ``HAQSearcher(problem, **options)`` with ``options`` the fields of ``HAQConfig``.
@@ -405,15 +405,6 @@ class HAQSearcher(Searcher):
         self._actor_numpy: tuple | None = None
 
     # -- Tune API ------------------------------------------------------------------------
-
-    def set_search_properties(self, metric, mode, config, **spec) -> bool:
-        if mode is not None and mode not in ("min", "max"):
-            raise ValueError(f"mode: choose between 'min', 'max', got {mode!r}")
-        if metric:
-            self._metric = metric
-        if mode:
-            self._mode = mode
-        return True
 
     def suggest(self, trial_id: str) -> dict | None:
         if trial_id in self._pending:  # asked twice: same answer

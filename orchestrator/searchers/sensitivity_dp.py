@@ -77,7 +77,7 @@ from hardware import MIN_BITS, NUM_BITS
 from search_spaces import config_from_policy, format_policy, parse_policy, solve_mckp
 
 from ..config import atomic_write_text
-from ._base import SearchProblem
+from ._base import SearchProblem, SearchPropertiesMixin
 from ._registry import register_searcher
 from .uniform import check_space, space_state
 
@@ -219,7 +219,7 @@ def mckp_solutions(values: np.ndarray, costs: np.ndarray, limit: float, *,
             push(choice[:m].copy(), m, frozenset({int(choice[m])}))
 
 
-class SensitivityDPSearcher(Searcher):
+class SensitivityDPSearcher(SearchPropertiesMixin, Searcher):
     """Sensitivity measurement + exact knapsack DP (see the module docstring)."""
 
     def __init__(self, problem: SearchProblem, *, top_k: int | None = None,
@@ -328,15 +328,6 @@ class SensitivityDPSearcher(Searcher):
         return self._queue.pop(0) if self._queue else None
 
     # -- Tune API --------------------------------------------------------------------------
-
-    def set_search_properties(self, metric, mode, config, **spec) -> bool:
-        if mode is not None and mode not in ("min", "max"):
-            raise ValueError(f"mode: choose between 'min', 'max', got {mode!r}")
-        if metric:
-            self._metric = metric
-        if mode:
-            self._mode = mode
-        return True
 
     def suggest(self, trial_id: str):
         if trial_id in self._pending:  # asked twice: same answer

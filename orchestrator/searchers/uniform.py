@@ -35,7 +35,7 @@ from ray.tune.search import Searcher
 from search_spaces import config_from_policy
 
 from ..config import atomic_write_text
-from ._base import SearchProblem
+from ._base import SearchProblem, SearchPropertiesMixin
 from ._registry import register_searcher
 
 _CHECKPOINT_VERSION = 1
@@ -91,7 +91,7 @@ def uniform_pairs(problem: SearchProblem, *, bits=None, w_bits=None, a_bits=None
     return list(dict.fromkeys(pairs))
 
 
-class UniformSearcher(Searcher):
+class UniformSearcher(SearchPropertiesMixin, Searcher):
     """Every uniform (w, a) policy once, then ``FINISHED`` (see the module docstring)."""
 
     def __init__(self, problem: SearchProblem, *, bits=None, w_bits=None, a_bits=None) -> None:
@@ -107,15 +107,6 @@ class UniformSearcher(Searcher):
         pol = np.empty((self.problem.num_layers, 2), dtype=np.int64)
         pol[:, 0], pol[:, 1] = w, a
         return config_from_policy(pol)
-
-    def set_search_properties(self, metric, mode, config, **spec) -> bool:
-        if mode is not None and mode not in ("min", "max"):
-            raise ValueError(f"mode: choose between 'min', 'max', got {mode!r}")
-        if metric:
-            self._metric = metric
-        if mode:
-            self._mode = mode
-        return True
 
     def suggest(self, trial_id: str):
         if trial_id in self._pending:  # asked twice: same answer
