@@ -13,33 +13,11 @@ import yaml
 
 from hardware import MAX_BITS, MIN_BITS
 from search_spaces import Budget, check_bit_range
+from trainables.training import TrainSettings as TrainConfig  # the config's training sections
 
 from .errors import HaqtuneError
 
 SCHEDULERS = ("fifo", "asha")
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """One training run: the reference model's training or a trial's brief fine-tune."""
-
-    epochs: int
-    lr: float
-    batch_size: int = 64
-    weight_decay: float = 0.0
-    max_steps_per_epoch: int | None = None
-
-    def __post_init__(self) -> None:
-        _check_int("epochs", self.epochs, minimum=0)
-        _check_int("batch_size", self.batch_size, minimum=1)
-        if self.max_steps_per_epoch is not None:
-            _check_int("max_steps_per_epoch", self.max_steps_per_epoch, minimum=1)
-        for name in ("lr", "weight_decay"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
-                raise HaqtuneError(f"{name}: expected a non-negative number, got {value!r}")
-        if self.lr == 0:
-            raise HaqtuneError("lr: expected a positive number, got 0")
 
 
 def _default_reference() -> TrainConfig:
@@ -206,7 +184,7 @@ def _train_config(name: str, value, default: TrainConfig) -> TrainConfig:
         raise HaqtuneError(f"{name}: unknown setting(s) {', '.join(unknown)}; expected some of {', '.join(sorted(known))}")
     try:
         return dataclasses.replace(default, **value)
-    except HaqtuneError as exc:
+    except (ValueError, TypeError) as exc:
         raise HaqtuneError(f"{name}.{exc}") from None
 
 

@@ -174,7 +174,7 @@ def run(prepared: PreparedSearch, *, echo=print, search_id: str | None = None,
     from ray import tune
 
     from orchestrator.searchers import SearchProblem, make_searcher
-    from trainables import TrainSettings, TrialContext, quantize_and_finetune
+    from trainables import TrialContext, quantize_and_finetune
     from trainables.data import load_dataset
     from trainables.training import pick_device, reference_key, train_reference
 
@@ -196,10 +196,9 @@ def run(prepared: PreparedSearch, *, echo=print, search_id: str | None = None,
          f"{config.hardware} (batch {prepared.table.batch}), budget {config.budget}, "
          f"{len(prepared.layers)} layers, {config.num_trials} trials")
     data = load_dataset(config.dataset, root=config.data_root, input_size=config.input_size)
-    ref = config.reference
     state, ref_acc, _ = train_reference(
         lambda: build_model(config.model, seed=config.seed, **prepared.model_kwargs).model,
-        data, TrainSettings(**vars(ref)), seed=config.seed, cache_dir=storage / CACHE_DIR,
+        data, config.reference, seed=config.seed, cache_dir=storage / CACHE_DIR,
         key=reference_key(model=config.model, dataset=config.dataset, **prepared.model_kwargs),
         device=pick_device(config.gpus_per_trial))
     echo(f"haqtune: full-precision reference val_acc={ref_acc:.4f}")
@@ -208,7 +207,7 @@ def run(prepared: PreparedSearch, *, echo=print, search_id: str | None = None,
         model=config.model, dataset=config.dataset, model_kwargs=prepared.model_kwargs,
         input_size=config.input_size, layer_names=tuple(s.name for s in prepared.layers),
         reference_state=state, ref_acc=ref_acc, table=prepared.table, budget=config.budget,
-        finetune=TrainSettings(**vars(config.finetune)), seed=config.seed,
+        finetune=config.finetune, seed=config.seed,
         min_bits=config.min_bits, max_bits=config.max_bits, data_root=os.path.abspath(config.data_root),
         gpus_per_trial=config.gpus_per_trial)
     problem = SearchProblem(

@@ -21,9 +21,22 @@ class DivergedError(RuntimeError):
     """The loss became NaN/inf: the trial fails (and is retried or recorded), the search goes on."""
 
 
+def _check_number(name: str, value, *, integer: bool, minimum: float, strict: bool = False) -> None:
+    kind = int if integer else int | float
+    ok = not isinstance(value, bool) and isinstance(value, kind)
+    if ok:
+        ok = value > minimum if strict else value >= minimum
+    if not ok:
+        what = "an integer" if integer else "a number"
+        raise ValueError(f"{name}: expected {what} {'>' if strict else '>='} {minimum:g}, got {value!r}")
+
+
 @dataclass(frozen=True)
 class TrainSettings:
-    """Optimizer settings of one training run (reference training or a trial's fine-tune)."""
+    """One training run: the reference model's training or a trial's brief fine-tune.
+
+    Also the ``reference`` and ``finetune`` sections of a search config.
+    """
 
     epochs: int
     lr: float
@@ -32,12 +45,12 @@ class TrainSettings:
     max_steps_per_epoch: int | None = None  # cap for big datasets: "brief" fine-tunes
 
     def __post_init__(self) -> None:
-        if self.epochs < 0:
-            raise ValueError(f"epochs: expected >= 0, got {self.epochs}")
-        if not self.lr > 0:
-            raise ValueError(f"lr: expected > 0, got {self.lr}")
-        if self.batch_size < 1:
-            raise ValueError(f"batch_size: expected >= 1, got {self.batch_size}")
+        _check_number("epochs", self.epochs, integer=True, minimum=0)
+        _check_number("lr", self.lr, integer=False, minimum=0, strict=True)
+        _check_number("batch_size", self.batch_size, integer=True, minimum=1)
+        _check_number("weight_decay", self.weight_decay, integer=False, minimum=0)
+        if self.max_steps_per_epoch is not None:
+            _check_number("max_steps_per_epoch", self.max_steps_per_epoch, integer=True, minimum=1)
 
 
 def pick_device(gpus: float = 0) -> torch.device:
