@@ -135,21 +135,42 @@ def project(
         return pol
     limit, per_layer = _plan(table, budget, min_bits)
     cost = policy_cost(table, pol, budget.metric)
+    num_layers = table.num_layers
+    rows = np.arange(num_layers)
+    # A sweep visits 2L positions: layer L-1's activations, its weights, layer L-2's ... .
+    a_pos = 2 * (num_layers - 1 - rows)
+    near_limit = limit * (1 + 1e-9)
+    start = 0  # position the current sweep goes on from
     while cost > limit:
-        # Incremental updates keep a sweep O(steps); the exact sum (what trials report)
-        # decides when to stop, so float drift can never leave a policy over budget.
-        for layer in range(table.num_layers - 1, -1, -1):
-            for col in (1, 0):  # activations, then weights
-                if pol[layer, col] > min_bits:
-                    old = per_layer[layer, pol[layer, 0] - MIN_BITS, pol[layer, 1] - MIN_BITS]
-                    pol[layer, col] -= 1
-                    new = per_layer[layer, pol[layer, 0] - MIN_BITS, pol[layer, 1] - MIN_BITS]
-                    cost += float(new - old)
-                    if cost <= limit * (1 + 1e-9):
-                        cost = policy_cost(table, pol, budget.metric)
-                        if cost <= limit:
-                            return pol
-        if np.all(pol == min_bits):
-            return pol
+        # One sweep at once: every step's cost change follows from the bits before it
+        # (a layer's weight step sees its lowered activations), so a cumulative sum
+        # gives the cost after each step and the first step inside the budget is a
+        # lookup: HAQ's one-bit-at-a-time rule without a Python step per bit.
+        w, a = pol[:, 0], pol[:, 1]
+        take_a = (a_pos >= start) & (a > min_bits)
+        take_w = (a_pos + 1 >= start) & (w > min_bits)
+        a1 = np.where(take_a, a - 1, a)
+        w1 = np.where(take_w, w - 1, w)
+        before = per_layer[rows, w - MIN_BITS, a - MIN_BITS]
+        after_a = per_layer[rows, w - MIN_BITS, a1 - MIN_BITS]
+        after_w = per_layer[rows, w1 - MIN_BITS, a1 - MIN_BITS]
+        delta = np.empty(2 * num_layers)
+        delta[a_pos], delta[a_pos + 1] = after_a - before, after_w - after_a
+        taken = np.empty(2 * num_layers, dtype=bool)
+        taken[a_pos], taken[a_pos + 1] = take_a, take_w
+        running = cost + np.cumsum(delta[start:])
+        hits = np.flatnonzero((running <= near_limit) & taken[start:])
+        last = start + int(hits[0]) if hits.size else 2 * num_layers - 1
+        pol[:, 1] = np.where(take_a & (a_pos <= last), a1, a)
+        pol[:, 0] = np.where(take_w & (a_pos + 1 <= last), w1, w)
+        # The exact sum (what trials report) decides, so float drift never leaves a
+        # projected policy over budget.
         cost = policy_cost(table, pol, budget.metric)
+        if cost <= limit:
+            return pol
+        start = last + 1
+        if start == 2 * num_layers:
+            if np.all(pol == min_bits):
+                return pol
+            start = 0
     return pol

@@ -126,3 +126,35 @@ def test_cost_table_validation():
         table.evaluate(np.ones((3, 3, 2), dtype=int))
     with pytest.raises(ValueError, match=r"bits must be in \[1, 8\]"):
         table.evaluate(np.full((2, 2), 9))
+
+
+def _project_one_bit_at_a_time(policy, table, budget, min_bits):
+    """HAQ's rule written as a plain loop: the reference ``project`` must equal."""
+    from search_spaces import policy_cost as cost_of
+
+    pol = np.clip(np.asarray(policy), min_bits, 8).astype(np.int64)
+    limit = budget.limit_for(table)
+    while cost_of(table, pol, budget.metric) > limit:
+        for layer in range(table.num_layers - 1, -1, -1):
+            for col in (1, 0):
+                if pol[layer, col] > min_bits:
+                    pol[layer, col] -= 1
+                    if cost_of(table, pol, budget.metric) <= limit:
+                        return pol
+        if np.all(pol == min_bits):
+            return pol
+    return pol
+
+
+@settings(max_examples=80, deadline=None)
+@given(num_layers=st.integers(1, 12), seed=st.integers(0, 10_000), frac=st.floats(0.05, 1.0),
+       metric=st.sampled_from(["latency", "energy", "size"]), min_bits=st.integers(1, 3))
+def test_project_equals_the_one_bit_at_a_time_rule(num_layers, seed, frac, metric, min_bits):
+    table = synthetic_table(num_layers, seed)
+    policy = np.random.default_rng(seed + 1).integers(1, 9, (num_layers, 2))
+    budget = Budget.parse(f"{metric}={frac}")
+    try:
+        fast = project(policy, table, budget, min_bits=min_bits)
+    except InfeasibleBudgetError:
+        return
+    assert np.array_equal(fast, _project_one_bit_at_a_time(policy, table, budget, min_bits))
