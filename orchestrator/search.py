@@ -33,7 +33,6 @@ class PreparedSearch:
     layers: list[LayerSpec]
     table: CostTable
     input_shape: tuple[int, int, int]
-    num_classes: int
     budget_limit: float | None
     model_kwargs: dict  # build_model keywords every process uses (classes, input size, channels)
 
@@ -73,7 +72,7 @@ def prepare(config: SearchConfig) -> PreparedSearch:
         raise
     except (ValueError, TypeError, RuntimeError) as exc:
         raise HaqtuneError(str(exc)) from None
-    return PreparedSearch(config, layers, table, tuple(built.input_shape), num_classes, limit, model_kwargs)
+    return PreparedSearch(config, layers, table, tuple(built.input_shape), limit, model_kwargs)
 
 
 def new_search_id(searcher: str) -> str:
@@ -255,7 +254,7 @@ def run(prepared: PreparedSearch, *, echo=print, search_id: str | None = None,
     except BaseException:
         tracker.end("KILLED")
         raise
-    summary = summarize(results, context, config, tracker, search_id, started, echo)
+    summary = summarize(results, context, config, tracker, search_id, started, echo, prepared.layers)
     tracker.end("FINISHED")
     return summary
 
@@ -304,7 +303,8 @@ def results_frame(results):
     return pd.DataFrame(rows)
 
 
-def summarize(results, context, config: SearchConfig, tracker, search_id: str, started: float, echo) -> dict:
+def summarize(results, context, config: SearchConfig, tracker, search_id: str, started: float, echo,
+              layers: list[LayerSpec]) -> dict:
     """Test-evaluate the best policies (the only time test is touched), print, log, write."""
     import json
 
@@ -358,11 +358,9 @@ def summarize(results, context, config: SearchConfig, tracker, search_id: str, s
     try:
         from .report import search_artifacts
 
-        built = build_model(config.model, seed=config.seed, **context.model_kwargs)
-        specs = extract_layers(built.model, built.input_shape)
         artifacts.update(search_artifacts(
-            frame, best_rows[0] if best_rows else None, layer_names=[s.name for s in specs],
-            layer_kinds=[s.kind for s in specs],
+            frame, best_rows[0] if best_rows else None, layer_names=[s.name for s in layers],
+            layer_kinds=[s.kind for s in layers],
             cost_metric=config.budget.metric if config.budget else M.LATENCY_MS, reference=reference,
             budget_limit=config.budget.limit_for(context.table) if config.budget else None,
             ref_acc=context.ref_acc, label=search_id))
