@@ -90,6 +90,13 @@ def _search_params(config: SearchConfig, prepared: PreparedSearch) -> dict:
     }
 
 
+class _DropIncompleteTrials:
+    """Logging filter: drop Ray Tune's "Trials did not complete" error line."""
+
+    def filter(self, record) -> bool:
+        return not str(record.msg).startswith("Trials did not complete")
+
+
 def quiet_libraries() -> None:
     """Keep the terminal to haqtune's own progress lines: Ray Tune's legacy reporter at
     verbose=0 prints nothing, and Optuna / MLflow info logs say nothing a user needs."""
@@ -98,8 +105,18 @@ def quiet_libraries() -> None:
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    # Every finished trial's checkpoint forces an experiment-state save, on purpose
+    # (nothing finished is forgotten after a crash): no warning about frequent saves.
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     for name in ("optuna", "mlflow", "alembic"):
         logging.getLogger(name).setLevel(logging.WARNING)
+    # A failed trial's progress line carries its error's last line and error file; Ray
+    # Tune's full traceback per attempt and its "Trials did not complete" summary would
+    # repeat that at length.
+    os.environ.setdefault("TUNE_PRINT_ALL_TRIAL_ERRORS", "0")
+    tune_log = logging.getLogger("ray.tune.tune")
+    if not any(isinstance(f, _DropIncompleteTrials) for f in tune_log.filters):
+        tune_log.addFilter(_DropIncompleteTrials())
     try:
         import optuna
 
@@ -266,10 +283,11 @@ def run_tuner(plan: SearchPlan, context, searcher, tracker, echo):
     resources = {"cpu": config.cpus_per_trial, "gpu": config.gpus_per_trial}
     trainable = tune.with_resources(tune.with_parameters(quantize_and_finetune, context=context), resources)
     interrupts = cb.Interrupts()
+    # The tracker before the printer: a trial printed as finished is logged in MLflow.
     # A resumed search counts on from the trials its first driver saw finish.
     cb.register(plan.search_id, [
-        interrupts, cb.ProgressPrinter(config.num_trials, echo, tracker.completed, tracker.best_val_acc),
-        tracker, cb.CheckpointKeeper(config.test_top_k)])
+        interrupts, tracker, cb.CheckpointKeeper(config.test_top_k),
+        cb.ProgressPrinter(config.num_trials, echo, tracker.completed, tracker.best_val_acc)])
     if plan.resumed:
         tuner = tune.Tuner.restore(str(plan.search_dir), trainable=trainable, resume_errored=True)
     else:

@@ -28,6 +28,8 @@ from e2e import HAQTUNE, run_cli, runs_of
 
 pytestmark = pytest.mark.slow
 
+# A shorter reference training than the demo's (the tests are about resume, not accuracy).
+QUICK_REFERENCE = "reference: {epochs: 6}\n"
 LINE = re.compile(r"^\[(\d+)/(\d+)\] (\S+) (ok|FAILED|stopped early): (.*)$")
 
 
@@ -104,7 +106,8 @@ def test_killed_driver_resumes_without_loss_or_duplicates(tmp_path, searcher):
     first, elsewhere = tmp_path / "first", tmp_path / "elsewhere"
     first.mkdir()
     elsewhere.mkdir()
-    proc = _start(["search", "--num-trials", n, "--searcher", searcher], first)
+    (first / "search.yaml").write_text(f"searcher: {searcher}\nnum_trials: {n}\n{QUICK_REFERENCE}")
+    proc = _start(["search", "search.yaml"], first)
     try:
         lines = _read_until(proc, lambda ls: sum(bool(LINE.match(x)) for x in ls) >= k)
     finally:
@@ -175,7 +178,7 @@ def test_ctrl_c_then_resume_with_failing_trials(tmp_path):
     n = 6
     # Trial 1 raises and trial 2 diverges on every attempt; trial 3's worker is killed once.
     faults = {"HAQTUNE_TEST_FAULTS": "raise@1,nan@2,kill@3:1", "HAQTUNE_TEST_FAULTS_DIR": str(tmp_path / "faults")}
-    (tmp_path / "faults.yaml").write_text(f"num_trials: {n}\nmax_failures: 1\nsearcher: random\n")
+    (tmp_path / "faults.yaml").write_text(f"num_trials: {n}\nmax_failures: 1\nsearcher: random\n{QUICK_REFERENCE}")
     proc = _start(["search", "faults.yaml"], tmp_path, faults)
     lines = _read_until(proc, lambda ls: sum(bool(LINE.match(x)) for x in ls) >= 3)
     os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C in a terminal signals the whole group
@@ -206,7 +209,7 @@ def test_ctrl_c_then_resume_with_failing_trials(tmp_path):
     assert any("RuntimeError: injected fault" in d for d in failed.values())
     assert any("DivergedError" in d for d in failed.values())
     for tid, desc in failed.items():
-        error_file = Path(re.search(r"\(error file: (.*)\)$", desc).group(1))
+        error_file = Path(re.search(r"\(error file: (.*?)\) \| best", desc).group(1))
         assert error_file.is_file() and search_dir in error_file.parents
         run = runs[tid]
         assert run.data.tags["haqtune.error"] in desc
