@@ -22,7 +22,7 @@ HAQTUNE = str(Path(sys.executable).with_name("haqtune"))
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--num-trials", type=int, default=20)
-    parser.add_argument("--searcher", default="random")
+    parser.add_argument("--searcher", default="haq")  # the demo's default searcher
     args = parser.parse_args()
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
     env["PYTHONUNBUFFERED"] = "1"

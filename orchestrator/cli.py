@@ -6,6 +6,27 @@ import click
 
 from .errors import HaqtuneError, fail, user_errors
 
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report Ctrl-C
+
+
+def _run_search(prepared, **kwargs) -> None:
+    """Run (or resume) a search; Ctrl-C or SIGTERM stop it cleanly with exit code 130."""
+    import signal
+    import sys
+
+    from .search import SearchInterrupted, run
+
+    # SIGTERM (a scheduler, `kill`) behaves as Ctrl-C: before the trials start it raises
+    # KeyboardInterrupt; while they run, the search's own handler stops them gracefully.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    try:
+        run(prepared, echo=click.echo, **kwargs)
+    except SearchInterrupted:
+        sys.exit(EXIT_INTERRUPTED)
+    except KeyboardInterrupt:
+        click.echo("\nhaqtune: interrupted", err=True)
+        sys.exit(EXIT_INTERRUPTED)
+
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 def main() -> None:
@@ -43,22 +64,23 @@ def search(config_file, **flags) -> None:
         prepared = prepare(config)
     except (HaqtuneError, ValueError) as exc:
         fail(str(exc))
-    from .search import run
-
-    run(prepared, echo=click.echo)
+    _run_search(prepared)
 
 
 @main.command()
 @click.argument("search_dir")
-def resume(search_dir) -> None:
-    """Continue an interrupted search (SEARCH_DIR: ./haqtune_runs/<search_id>)."""
-    from .search import resume_plan, run
+@click.option("--tracking-uri", help="MLflow store that now holds the search's runs (if it moved); "
+                                     "default: the one in SEARCH_DIR/config.yaml.")
+def resume(search_dir, tracking_uri) -> None:
+    """Continue an interrupted search (SEARCH_DIR: ./haqtune_runs/<search_id>), from any
+    working directory; everything is written into SEARCH_DIR and its MLflow runs."""
+    from .search import resume_plan
 
     try:
-        prepared, path = resume_plan(search_dir)
+        prepared, path = resume_plan(search_dir, tracking_uri=tracking_uri)
     except (HaqtuneError, ValueError) as exc:
         fail(str(exc))
-    run(prepared, echo=click.echo, resume_dir=path)
+    _run_search(prepared, resume_dir=path)
 
 
 @main.command()

@@ -43,7 +43,7 @@ def _check_int(name: str, value: Any, *, minimum: int | None = None, maximum: in
 class SearchConfig:
     """A whole search. The defaults are the embedded demo (digits, DemoNet, local Ray)."""
 
-    searcher: str = "random"
+    searcher: str = "haq"
     num_trials: int = 20
     max_concurrent: int = 2
     scheduler: str = "fifo"
@@ -157,6 +157,16 @@ class SearchConfig:
                 value = dataclasses.asdict(value)
             out[f.name] = value
         return out
+
+    def resolved(self, *, tracking_uri: str, storage_dir: str | None = None) -> SearchConfig:
+        """The config a search directory keeps: the given (absolute) tracking URI, and
+        absolute storage and data roots, so resuming from any working directory or
+        environment finds the same MLflow store, search state and data."""
+        storage = storage_dir if storage_dir is not None else self.storage_dir
+        return dataclasses.replace(self, tracking_uri=tracking_uri,
+                                   storage_dir=storage if "://" in storage else os.path.abspath(storage),
+                                   data_root=self.data_root if "://" in self.data_root
+                                   else os.path.abspath(self.data_root))
 
     def write_yaml(self, path: Path) -> None:
         atomic_write_text(path, yaml.safe_dump(self.to_dict(), sort_keys=False))

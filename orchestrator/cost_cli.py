@@ -51,7 +51,8 @@ def parse_bits(text: str) -> tuple[int, int]:
 
 
 def load_policy(path: str, num_layers: int) -> np.ndarray:
-    """Policy ``[L, 2]`` from JSON: ``[[w, a], ...]``, ``{"policy": [[w, a], ...]}`` or ``{"w_0": .., "a_0": ..}``."""
+    """Policy ``[L, 2]`` from JSON: ``[[w, a], ...]``, ``{"policy": [[w, a], ...]}``, ``{"w_0": .., "a_0": ..}``
+    or ``{"policy": "8/8 4/6 ..."}`` (the w/a text of a search's ``best_policy.json``)."""
     from hardware import MAX_BITS, MIN_BITS
     from search_spaces import policy_from_config
 
@@ -64,6 +65,12 @@ def load_policy(path: str, num_layers: int) -> np.ndarray:
         raise HaqtuneError(f"--policy: {path!r} is not valid JSON ({exc})") from None
     if isinstance(data, dict) and "policy" in data:
         data = data["policy"]
+    if isinstance(data, str):
+        try:
+            data = [[int(w), int(a)] for w, a in (tok.split("/") for tok in data.split())]
+        except ValueError:
+            raise HaqtuneError(f"--policy: {path!r} expected \"w/a\" bits per layer (\"8/8 4/6\"), "
+                               f"got {data[:60]!r}") from None
     if isinstance(data, dict):
         try:
             policy = policy_from_config(data, num_layers)

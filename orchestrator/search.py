@@ -14,7 +14,7 @@ from datetime import datetime
 from pathlib import Path
 
 from hardware import CostTable, LayerSpec, extract_layers, get_cost_model
-from search_spaces import check_feasible, parse_policy
+from search_spaces import check_feasible
 from search_spaces import metrics as M
 from trainables.data import DATASETS
 from trainables.models import build_model
@@ -79,39 +79,6 @@ def new_search_id(searcher: str) -> str:
     return f"{searcher}-{datetime.now():%Y%m%d-%H%M%S}-{secrets.token_hex(2)}"
 
 
-class ProgressPrinter:
-    """Tune callback printing one line per finished trial: done / total and best so far."""
-
-    def __new__(cls, *args, **kwargs):
-        from ray.tune import Callback
-
-        # Built lazily so importing this module does not import Ray.
-        class _Printer(Callback):
-            def __init__(self, total: int, echo, done: int = 0, best: float | None = None) -> None:
-                self.total, self.echo, self.done, self.best = total, echo, done, best
-
-            def _line(self, trial, status: str) -> None:
-                self.done += 1
-                r = trial.last_result or {}
-                acc = r.get(M.VAL_ACC)
-                if status == "ok" and acc is not None:
-                    self.best = acc if self.best is None else max(self.best, acc)
-                desc = (f"val_acc={acc:.4f} latency_ms={r.get(M.LATENCY_MS, float('nan')):.4g} "
-                        f"energy_mj={r.get(M.ENERGY_MJ, float('nan')):.4g} size_mb={r.get(M.SIZE_MB, float('nan')):.4g}"
-                        if acc is not None else "no result")
-                best = f"{self.best:.4f}" if self.best is not None else "-"
-                self.echo(f"[{self.done}/{self.total}] {trial.trial_id} {status}: {desc} | best val_acc={best}")
-
-            def on_trial_complete(self, iteration, trials, trial, **info):
-                stopped = (trial.last_result or {}).get(M.DONE, 1) == 0
-                self._line(trial, "stopped early" if stopped else "ok")
-
-            def on_trial_error(self, iteration, trials, trial, **info):
-                self._line(trial, "FAILED")
-
-        return _Printer(*args, **kwargs)
-
-
 def _search_params(config: SearchConfig, prepared: PreparedSearch) -> dict:
     return {
         "searcher": config.searcher, "hardware": config.hardware, "budget": str(config.budget),
@@ -123,6 +90,13 @@ def _search_params(config: SearchConfig, prepared: PreparedSearch) -> dict:
     }
 
 
+class _DropIncompleteTrials:
+    """Logging filter: drop Ray Tune's "Trials did not complete" error line."""
+
+    def filter(self, record) -> bool:
+        return not str(record.msg).startswith("Trials did not complete")
+
+
 def quiet_libraries() -> None:
     """Keep the terminal to haqtune's own progress lines: Ray Tune's legacy reporter at
     verbose=0 prints nothing, and Optuna / MLflow info logs say nothing a user needs."""
@@ -131,8 +105,18 @@ def quiet_libraries() -> None:
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    # Every finished trial's checkpoint forces an experiment-state save, on purpose
+    # (nothing finished is forgotten after a crash): no warning about frequent saves.
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     for name in ("optuna", "mlflow", "alembic"):
         logging.getLogger(name).setLevel(logging.WARNING)
+    # A failed trial's progress line carries its error's last line and error file; Ray
+    # Tune's full traceback per attempt and its "Trials did not complete" summary would
+    # repeat that at length.
+    os.environ.setdefault("TUNE_PRINT_ALL_TRIAL_ERRORS", "0")
+    tune_log = logging.getLogger("ray.tune.tune")
+    if not any(isinstance(f, _DropIncompleteTrials) for f in tune_log.filters):
+        tune_log.addFilter(_DropIncompleteTrials())
     try:
         import optuna
 
@@ -146,7 +130,9 @@ def _init_ray(address: str | None) -> None:
 
     if ray.is_initialized():
         return
-    ray.init(address=address, include_dashboard=False, log_to_driver=False,
+    # No address = a fresh local instance: a plain ray.init() would join (and, if it is
+    # gone, wait forever for) whatever cluster /tmp/ray/ray_current_cluster names.
+    ray.init(address=address or "local", include_dashboard=False, log_to_driver=False,
              configure_logging=True, logging_level="ERROR")
 
 
@@ -160,80 +146,150 @@ def _scheduler(config: SearchConfig):
                          max_t=max(config.finetune.epochs, 1), grace_period=1, reduction_factor=2)
 
 
+class SearchInterrupted(Exception):
+    """Ctrl-C / SIGTERM stopped the search; its state is saved and ``resume`` continues it."""
+
+    def __init__(self, search_dir: Path) -> None:
+        super().__init__(f"interrupted; continue with: haqtune resume {search_dir}")
+        self.search_dir = search_dir
+
+
+@dataclass(frozen=True)
+class SearchPlan:
+    """Where a search lives and the resolved config it runs with (absolute paths)."""
+
+    config: SearchConfig
+    search_id: str
+    search_dir: Path
+    resumed: bool
+
+    @property
+    def storage(self) -> Path:
+        return self.search_dir.parent
+
+
 def run(prepared: PreparedSearch, *, echo=print, search_id: str | None = None,
         resume_dir: Path | None = None) -> dict:
     """Run the search; returns the summary dict (also written to the search directory).
 
-    With ``resume_dir`` (an existing search directory) the Ray Tune experiment is
-    restored instead (``Tuner.restore(..., resume_errored=True)``): finished trials are
-    kept, unfinished and errored ones run again, the searcher continues from its saved
-    state, and the MLflow tracker reattaches to the same parent and child runs.
+    With ``resume_dir`` (an existing search directory, checked by ``resume_plan``) the
+    Ray Tune experiment is restored instead (``Tuner.restore(..., resume_errored=True)``):
+    finished trials are kept, unfinished and errored ones run again, the searcher
+    continues from its saved state, and the MLflow tracker reattaches to the same
+    parent and child runs. Raises ``SearchInterrupted`` after Ctrl-C / SIGTERM.
     """
     quiet_libraries()
-    from ray import tune
+    plan = plan_search(prepared, search_id=search_id, resume_dir=resume_dir)
+    started = time.time()
+    echo(f"haqtune: {'resuming' if plan.resumed else 'search'} {plan.search_id}: {plan.config.searcher} on "
+         f"{plan.config.model}/{plan.config.dataset}, {plan.config.hardware} (batch {prepared.table.batch}), "
+         f"budget {plan.config.budget}, {len(prepared.layers)} layers, {plan.config.num_trials} trials")
+    context = build_reference(plan, prepared, echo)
+    searcher = None if plan.resumed else build_searcher(plan, prepared, context)
+    tracker = build_tracker(plan, prepared)
+    tracker.start()
+    try:
+        results = run_tuner(plan, context, searcher, tracker, echo)
+    except SearchInterrupted:
+        tracker.end("KILLED")
+        echo(f"\nhaqtune: interrupted: running trials were stopped and the search state saved; "
+             f"continue with:\n  haqtune resume {plan.search_dir}")
+        raise
+    except BaseException:
+        tracker.end("KILLED")
+        raise
+    summary = summarize(results, context, plan, tracker, started, echo, prepared.layers)
+    tracker.end("FINISHED")
+    return summary
 
-    from orchestrator.searchers import SearchProblem, make_searcher
-    from trainables import TrialContext, quantize_and_finetune
-    from trainables.data import load_dataset
-    from trainables.training import pick_device, reference_key, train_reference
 
-    from .tracking import MlflowTracker, resolve_tracking_uri
+def plan_search(prepared: PreparedSearch, *, search_id: str | None = None,
+                resume_dir: Path | None = None) -> SearchPlan:
+    """The search directory and the resolved config; a new search writes ``config.yaml``
+    with absolute paths and tracking URI, so the directory is self-contained."""
+    from .tracking import absolute_tracking_uri, resolve_tracking_uri
 
     config = prepared.config
     if resume_dir is not None:
         search_dir = Path(resume_dir).resolve()
-        storage, search_id = search_dir.parent, search_dir.name
-    else:
-        storage = Path(config.storage_dir).resolve()
-        search_id = search_id or new_search_id(config.searcher)
-        search_dir = storage / search_id
-        search_dir.mkdir(parents=True, exist_ok=False)
-        config.write_yaml(search_dir / CONFIG_FILE)
-    started = time.time()
+        resolved = config.resolved(tracking_uri=absolute_tracking_uri(resolve_tracking_uri(config.tracking_uri)),
+                                   storage_dir=str(search_dir.parent))
+        if resolved != SearchConfig.from_yaml(search_dir / CONFIG_FILE):
+            resolved.write_yaml(search_dir / CONFIG_FILE)  # e.g. resume --tracking-uri, or an old config
+        return SearchPlan(resolved, search_dir.name, search_dir, resumed=True)
+    resolved = config.resolved(tracking_uri=absolute_tracking_uri(resolve_tracking_uri(config.tracking_uri)))
+    search_id = search_id or new_search_id(config.searcher)
+    search_dir = Path(resolved.storage_dir) / search_id
+    search_dir.mkdir(parents=True, exist_ok=False)
+    resolved.write_yaml(search_dir / CONFIG_FILE)
+    return SearchPlan(resolved, search_id, search_dir, resumed=False)
 
-    echo(f"haqtune: {'resuming' if resume_dir else 'search'} {search_id}: {config.searcher} on {config.model}/{config.dataset}, "
-         f"{config.hardware} (batch {prepared.table.batch}), budget {config.budget}, "
-         f"{len(prepared.layers)} layers, {config.num_trials} trials")
+
+def build_reference(plan: SearchPlan, prepared: PreparedSearch, echo):
+    """Train (or load from cache) the full-precision reference; the trials' context."""
+    from trainables import TrialContext
+    from trainables.data import load_dataset
+    from trainables.training import pick_device, reference_key, train_reference
+
+    config = plan.config
     data = load_dataset(config.dataset, root=config.data_root, input_size=config.input_size)
     state, ref_acc, _ = train_reference(
         lambda: build_model(config.model, seed=config.seed, **prepared.model_kwargs).model,
-        data, config.reference, seed=config.seed, cache_dir=storage / CACHE_DIR,
+        data, config.reference, seed=config.seed, cache_dir=plan.storage / CACHE_DIR,
         key=reference_key(model=config.model, dataset=config.dataset, **prepared.model_kwargs),
         device=pick_device(config.gpus_per_trial))
     echo(f"haqtune: full-precision reference val_acc={ref_acc:.4f}")
-
-    context = TrialContext(
+    return TrialContext(
         model=config.model, dataset=config.dataset, model_kwargs=prepared.model_kwargs,
         input_size=config.input_size, layer_names=tuple(s.name for s in prepared.layers),
         reference_state=state, ref_acc=ref_acc, table=prepared.table, budget=config.budget,
         finetune=config.finetune, seed=config.seed,
-        min_bits=config.min_bits, max_bits=config.max_bits, data_root=os.path.abspath(config.data_root),
+        min_bits=config.min_bits, max_bits=config.max_bits, data_root=config.data_root,
         gpus_per_trial=config.gpus_per_trial)
+
+
+def build_searcher(plan: SearchPlan, prepared: PreparedSearch, context):
+    """The searcher of a new search (a restored one comes from the experiment state)."""
+    from orchestrator.searchers import SearchProblem, make_searcher
+
+    config = plan.config
     problem = SearchProblem(
         layers=prepared.layers, table=prepared.table, budget=config.budget, min_bits=config.min_bits,
         max_bits=config.max_bits, cost_metric=config.budget.metric if config.budget else M.LATENCY_MS,
         seed=config.seed, num_trials=config.num_trials, max_concurrent=config.max_concurrent,
-        extra={"ref_acc": ref_acc}, accuracy_oracle=_accuracy_oracle(config, context))
-    searcher = make_searcher(config.searcher, problem, **config.searcher_options)
+        extra={"ref_acc": context.ref_acc}, accuracy_oracle=_accuracy_oracle(config, context))
+    return make_searcher(config.searcher, problem, **config.searcher_options)
 
-    tracker = MlflowTracker(
-        tracking_uri=resolve_tracking_uri(config.tracking_uri), experiment=config.experiment,
-        search_id=search_id, searcher=config.searcher, search_dir=search_dir,
-        params=_search_params(config, prepared), config_path=search_dir / CONFIG_FILE)
-    tracker.start()
 
+def build_tracker(plan: SearchPlan, prepared: PreparedSearch):
+    from .tracking import MlflowTracker
+
+    return MlflowTracker(
+        tracking_uri=plan.config.tracking_uri, experiment=plan.config.experiment,
+        search_id=plan.search_id, searcher=plan.config.searcher, search_dir=plan.search_dir,
+        params=_search_params(plan.config, prepared), config_path=plan.search_dir / CONFIG_FILE)
+
+
+def run_tuner(plan: SearchPlan, context, searcher, tracker, echo):
+    """The Ray Tune experiment, new or restored; returns its ResultGrid."""
+    from ray import tune
+
+    from trainables import quantize_and_finetune
+
+    from . import callbacks as cb
+
+    config = plan.config
     _init_ray(config.address)
     resources = {"cpu": config.cpus_per_trial, "gpu": config.gpus_per_trial}
     trainable = tune.with_resources(tune.with_parameters(quantize_and_finetune, context=context), resources)
+    interrupts = cb.Interrupts()
+    # The tracker before the printer: a trial printed as finished is logged in MLflow.
     # A resumed search counts on from the trials its first driver saw finish.
-    callbacks = [ProgressPrinter(config.num_trials, echo, len(tracker.completed), tracker.best_val_acc),
-                 tracker]
-    if resume_dir is not None:
-        tuner = tune.Tuner.restore(str(search_dir), trainable=trainable, resume_errored=True)
-        # The pickled RunConfig carries the first driver's callbacks; this driver's own
-        # (with its echo and a tracker re-read from mlflow_runs.json) replace them. Tune
-        # has no public way to pass callbacks to a restored Tuner.
-        tuner._local_tuner._run_config.callbacks = callbacks
+    cb.register(plan.search_id, [
+        interrupts, tracker, cb.CheckpointKeeper(config.test_top_k),
+        cb.ProgressPrinter(config.num_trials, echo, tracker.completed, tracker.best_val_acc)])
+    if plan.resumed:
+        tuner = tune.Tuner.restore(str(plan.search_dir), trainable=trainable, resume_errored=True)
     else:
         tuner = tune.Tuner(
             trainable,
@@ -246,17 +302,25 @@ def run(prepared: PreparedSearch, *, echo=print, search_id: str | None = None,
                                         reuse_actors=True,
                                         trial_dirname_creator=_trial_dirname),
             run_config=tune.RunConfig(
-                name=search_id, storage_path=str(storage), verbose=0, callbacks=callbacks,
-                failure_config=tune.FailureConfig(max_failures=config.max_failures)),
+                name=plan.search_id, storage_path=str(plan.storage), verbose=0,
+                callbacks=[cb.DriverCallbacks(plan.search_id)],
+                failure_config=tune.FailureConfig(max_failures=config.max_failures),
+                # One checkpoint per finished trial (its fine-tuned quantized model);
+                # CheckpointKeeper keeps the search's best test_top_k. num_to_keep=1 also
+                # makes Tune save the experiment state as soon as a trial has reported
+                # its final result, so no finished trial is forgotten after a crash.
+                checkpoint_config=tune.CheckpointConfig(
+                    num_to_keep=1, checkpoint_score_attribute=M.VAL_ACC, checkpoint_score_order="max")),
         )
+    interrupts.arm()
     try:
         results = tuner.fit()
-    except BaseException:
-        tracker.end("KILLED")
-        raise
-    summary = summarize(results, context, config, tracker, search_id, started, echo, prepared.layers)
-    tracker.end("FINISHED")
-    return summary
+    finally:
+        interrupts.disarm()
+        cb.unregister(plan.search_id)
+    if interrupts.signal is not None:
+        raise SearchInterrupted(plan.search_dir)
+    return results
 
 
 # Searchers that measure per-layer sensitivity through ``SearchProblem.accuracy_oracle``.
@@ -277,54 +341,111 @@ def _trial_dirname(trial) -> str:
     return f"trial_{trial.trial_id}"
 
 
-def resume_plan(search_dir: str | Path) -> tuple[PreparedSearch, Path]:
-    """Validate a search directory and re-prepare its resolved config (writes nothing)."""
-    search_dir = Path(search_dir)
+def resume_plan(search_dir: str | Path, *, tracking_uri: str | None = None) -> tuple[PreparedSearch, Path]:
+    """Validate a search directory and re-prepare its resolved config (writes nothing).
+
+    ``tracking_uri`` redirects the search to a moved MLflow store. The store the search
+    will write to must hold its experiment and runs (else HaqtuneError): resuming
+    against another store would drop every write to the search's runs.
+    """
+    from .tracking import (
+        RUN_MAP_FILE,
+        absolute_tracking_uri,
+        check_search_runs,
+        resolve_tracking_uri,
+    )
+
+    search_dir = Path(search_dir).resolve()
     if not (search_dir / CONFIG_FILE).is_file() or not (search_dir / "tuner.pkl").is_file():
         raise HaqtuneError(
             f"{str(search_dir)!r} is not a haqtune search directory: expected {CONFIG_FILE} and "
             "a Ray Tune experiment (tuner.pkl) in it, as under ./haqtune_runs/<search_id>/"
         )
-    return prepare(SearchConfig.from_yaml(search_dir / CONFIG_FILE)), search_dir
+    if (search_dir / SUMMARY_FILE).is_file():
+        raise HaqtuneError(f"search {search_dir.name} already finished (its {SUMMARY_FILE} exists): "
+                           "nothing to resume")
+    config = SearchConfig.from_yaml(search_dir / CONFIG_FILE)
+    if tracking_uri is not None:
+        config = config.replace(tracking_uri=tracking_uri)
+    uri = absolute_tracking_uri(resolve_tracking_uri(config.tracking_uri))
+    check_search_runs(uri, search_dir / RUN_MAP_FILE, search_id=search_dir.name)
+    return prepare(config.replace(tracking_uri=uri)), search_dir
 
 
 def results_frame(results):
-    """One row per trial: id, status, metrics, projected policy."""
+    """One row per trial: id, status, metrics, projected policy (completion order is Tune's)."""
     import pandas as pd
 
     rows = []
     for r in results:
         m = r.metrics or {}
         row = {"trial_id": m.get("trial_id"), "status": "FAILED" if r.error else
-               ("FINISHED" if m.get(M.DONE, 1) else "KILLED")}
+               ("FINISHED" if m.get(M.DONE, 0) else "KILLED")}
         for key in (M.VAL_ACC, M.ACC_DROP, M.LATENCY_MS, M.ENERGY_MJ, M.SIZE_MB, M.REWARD, M.POLICY):
-            row[key] = m.get(key)
+            row[key] = None if r.error else m.get(key)
         rows.append(row)
-    return pd.DataFrame(rows)
+    return pd.DataFrame(rows, columns=["trial_id", "status", M.VAL_ACC, M.ACC_DROP, M.LATENCY_MS,
+                                       M.ENERGY_MJ, M.SIZE_MB, M.REWARD, M.POLICY])
 
 
-def summarize(results, context, config: SearchConfig, tracker, search_id: str, started: float, echo,
+def evaluate_best(results, plan: SearchPlan, context, frame, echo) -> list[dict]:
+    """Test accuracy of the best ``test_top_k`` finished trials, from their own checkpoints.
+
+    Each evaluation is a Ray task with a trial's resources (so a GPU cluster evaluates on
+    a GPU worker, never on the head), loading the fine-tuned quantized model the trial
+    reported: the accuracy printed is the one of the model that was chosen.
+    """
+    import ray
+
+    from trainables.trial import evaluate_checkpoint
+
+    from .callbacks import checkpoint_exists, ranked_trials
+
+    config = plan.config
+    checkpoints = {(r.metrics or {}).get("trial_id"): r.checkpoint for r in results}
+    rows = [dict(row) for row in frame.to_dict("records")
+            if checkpoints.get(row["trial_id"]) is not None and checkpoint_exists(checkpoints[row["trial_id"]])]
+    best = ranked_trials(rows, config.test_top_k)
+
+    @ray.remote(num_cpus=config.cpus_per_trial, num_gpus=config.gpus_per_trial)
+    def evaluate_task(checkpoint):
+        with checkpoint.as_directory() as directory:
+            return evaluate_checkpoint(directory, dataset=config.dataset, data_root=config.data_root,
+                                       input_size=config.input_size, gpus=config.gpus_per_trial,
+                                       num_threads=max(1, int(config.cpus_per_trial)))
+
+    evaluated = ray.get([evaluate_task.remote(checkpoints[row["trial_id"]]) for row in best])
+    out = []
+    for row, result in zip(best, evaluated, strict=True):
+        checkpoint = checkpoints[row["trial_id"]]
+        out.append({"trial_id": row["trial_id"], M.VAL_ACC: row[M.VAL_ACC], M.TEST_ACC: result[M.TEST_ACC],
+                    **{k: row[k] for k in (M.ACC_DROP, M.LATENCY_MS, M.ENERGY_MJ, M.SIZE_MB, M.REWARD)},
+                    M.POLICY: row[M.POLICY], "checkpoint": str(checkpoint.path),
+                    "checkpoint_val_acc": result["checkpoint_val_acc"]})
+    return out
+
+
+def summarize(results, context, plan: SearchPlan, tracker, started: float, echo,
               layers: list[LayerSpec]) -> dict:
-    """Test-evaluate the best policies (the only time test is touched), print, log, write."""
+    """Test-evaluate the best trials' checkpoints (the only time test is touched),
+    print, log, write ``summary.json`` into the search directory."""
     import json
 
-    from trainables import evaluate_on_test
     from trainables.trial import policy_costs
 
+    config, search_id = plan.config, plan.search_id
     frame = results_frame(results)
-    ok = frame[frame[M.VAL_ACC].notna()].sort_values(M.VAL_ACC, ascending=False)
-    ok = ok.drop_duplicates(subset=[M.POLICY])
-    best_rows = []
-    for _, row in ok.head(config.test_top_k).iterrows():
-        best_rows.append({"trial_id": row["trial_id"], **evaluate_on_test(context, parse_policy(row[M.POLICY]))})
+    best_rows = evaluate_best(results, plan, context, frame, echo)
     reference = policy_costs(context.table, context.table.uniform(8))
     summary = {
         "search_id": search_id, "searcher": config.searcher, "num_trials": int(len(frame)),
         "failed_trials": int((frame["status"] == "FAILED").sum()),
+        "stopped_early_trials": int((frame["status"] == "KILLED").sum()),
         "wall_time_s": time.time() - started, "ref_acc": context.ref_acc,
         "uniform_8bit": reference, "best": best_rows,
     }
-    echo(f"\nhaqtune: {len(frame)} trials ({summary['failed_trials']} failed) in {summary['wall_time_s']:.0f} s; "
+    echo(f"\nhaqtune: {len(frame)} trials ({summary['failed_trials']} failed, "
+         f"{summary['stopped_early_trials']} stopped early) in {summary['wall_time_s']:.0f} s; "
          f"reference (full precision) val_acc={context.ref_acc:.4f}; uniform 8-bit: "
          f"latency_ms={reference[M.LATENCY_MS]:.4g} energy_mj={reference[M.ENERGY_MJ]:.4g} size_mb={reference[M.SIZE_MB]:.4g}")
     if best_rows:
@@ -336,7 +457,6 @@ def summarize(results, context, config: SearchConfig, tracker, search_id: str, s
         done = frame[(frame["status"] == "FINISHED") & frame[M.VAL_ACC].notna()]
         summary["pareto_front"] = pareto_front(done.to_dict("records"), cost_key=cost_key)
         echo(format_pareto_table(summary["pareto_front"], cost_key))
-    atomic_write_text(Path(config.storage_dir).resolve() / search_id / SUMMARY_FILE, json.dumps(summary, indent=1))
     # Parent-run metrics: the MLflow runs table's columns for comparing searches.
     metrics = {"ref_acc": context.ref_acc, "trials_failed": summary["failed_trials"],
                "wall_time_s": summary["wall_time_s"],
@@ -351,6 +471,7 @@ def summarize(results, context, config: SearchConfig, tracker, search_id: str, s
                 metrics[f"{key.split('_')[0]}_reduction_x"] = reference[key] / b[key]
     artifacts = {
         "results.csv": frame.to_csv(index=False),
+        # Readable by `haqtune cost --policy`: its "policy" is the w/a text form.
         "best_policy.json": json.dumps(best_rows[0] if best_rows else {}, indent=1),
     }
     if "pareto_front" in summary:
@@ -367,7 +488,9 @@ def summarize(results, context, config: SearchConfig, tracker, search_id: str, s
     except Exception as exc:  # plots are a convenience; never lose a finished search to them
         echo(f"haqtune: warning: plots skipped ({type(exc).__name__}: {exc})")
     tracker.log_summary(metrics, artifacts)
-    echo(f"haqtune: results in {Path(config.storage_dir).resolve() / search_id}")
+    # Last: its presence marks a search as finished (resume refuses it).
+    atomic_write_text(plan.search_dir / SUMMARY_FILE, json.dumps(summary, indent=1))
+    echo(f"haqtune: results in {plan.search_dir}")
     echo(f"haqtune: MLflow runs: {tracker.ui_hint()}")
     return summary
 

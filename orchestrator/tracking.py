@@ -45,6 +45,7 @@ RUN_NAME_TAG = "mlflow.runName"
 TAG_SEARCH_ID = "haqtune.search_id"
 TAG_TRIAL_ID = "haqtune.trial_id"
 TAG_SEARCHER = "haqtune.searcher"
+TAG_ERROR = "haqtune.error"  # a failed trial's exception, last line
 TAG_ROLE = "haqtune.role"  # "search" (parent) or "trial" (child)
 ROLE_SEARCH, ROLE_TRIAL = "search", "trial"
 RUN_MAP_FILE = "mlflow_runs.json"
@@ -72,6 +73,67 @@ log = logging.getLogger("haqtune.tracking")
 def resolve_tracking_uri(uri: str | None) -> str:
     """``uri``, else ``$MLFLOW_TRACKING_URI``, else ``sqlite:///mlflow.db`` in the working directory."""
     return uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+
+
+def absolute_tracking_uri(uri: str, cwd: str | os.PathLike | None = None) -> str:
+    """``uri`` with a relative local store made absolute (against ``cwd``, default the
+    working directory): ``sqlite:///mlflow.db`` -> ``sqlite:////abs/mlflow.db``, a plain
+    path -> an absolute path. Server and remote URIs are returned unchanged. A search
+    keeps this form, so it finds its store again from any directory."""
+    base = Path(cwd) if cwd is not None else Path.cwd()
+    if uri.startswith("sqlite:///"):
+        path = uri[len("sqlite:///"):]
+        if path.startswith("/") or path.startswith(":memory:") or not path:
+            return uri
+        return f"sqlite:///{(base / path).resolve()}"
+    if uri.startswith("file://"):
+        return uri
+    if uri.startswith("file:"):
+        return (base / uri[len("file:"):]).resolve().as_uri()
+    if "://" in uri or uri.startswith("databricks"):
+        return uri
+    return str((base / uri).resolve())
+
+
+def check_search_runs(uri: str, mapping_path: Path, *, search_id: str) -> None:
+    """Refuse (HaqtuneError) a store that does not hold the runs a search logged.
+
+    A search resumed against another store (another working directory, another
+    ``MLFLOW_TRACKING_URI``) would have every write to its runs rejected as "run does
+    not exist" and dropped. An unreachable server is not refused: writes are queued
+    until it answers, as during any search.
+    """
+    from mlflow.entities import ViewType
+
+    if not Path(mapping_path).exists():
+        return
+    state = json.loads(Path(mapping_path).read_text())
+    expected = {state.get("parent_run_id"), *dict(state.get("trial_runs", {})).values()} - {None}
+    if not expected:
+        return  # nothing was logged yet (e.g. the store was unreachable): nothing to find
+    hint = ("pass `haqtune resume --tracking-uri URI` with the store the search was logged to "
+            "(it is in the search's config.yaml)")
+    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).exists():
+        raise HaqtuneError(f"no MLflow store at {uri}, which should hold search {search_id}'s runs: {hint}")
+    client = _client(uri)
+    try:
+        with _one_http_attempt(uri, READ_TIMEOUT_S):
+            runs = client.search_runs([state["experiment_id"]],
+                                      filter_string=f"tags.`{TAG_SEARCH_ID}` = '{search_id}'",
+                                      run_view_type=ViewType.ALL, max_results=50_000)
+    except Exception as exc:
+        if _is_permanent(exc):
+            runs = []
+        else:
+            log.warning("haqtune: warning: cannot check the MLflow store at %s (%s); its writes are "
+                        "queued until it answers", uri, _short(exc))
+            return
+    found = {r.info.run_id for r in runs}
+    missing = expected - found
+    if missing:
+        raise HaqtuneError(
+            f"the MLflow store at {uri} does not hold search {search_id}'s runs ({len(missing)} of "
+            f"{len(expected)} missing, experiment id {state['experiment_id']}): {hint}")
 
 
 def _is_http(uri: str) -> bool:
@@ -532,7 +594,9 @@ class MlflowTracker(Callback):
         tid = trial.trial_id
         result = trial.last_result or {}
         now = _now_ms()
-        ops = []
+        # The traceback first, so the run is complete when it turns FAILED.
+        ops = self._error_ops(trial) if status == "FAILED" else []
+        ops.append({"op": "end", "run": tid, "status": status, "time": now})
         if tid not in self.completed:
             self.completed.append(tid)
             acc = result.get(M.VAL_ACC)
@@ -541,10 +605,24 @@ class MlflowTracker(Callback):
             if self.best_val_acc is not None:
                 ops.append({"op": "batch", "run": PARENT, "metrics": [
                     [BEST_SO_FAR, float(self.best_val_acc), now, len(self.completed)]]})
-        ops.insert(0, {"op": "end", "run": tid, "status": status, "time": now})
         self.pending.extend(ops)
         self.flush()
         self._save_mapping()
+
+    def _error_ops(self, trial) -> list[dict]:
+        """A failed trial's traceback, kept in the search directory and logged to its run
+        (artifact ``error.txt``, tag ``haqtune.error`` = the exception's last line)."""
+        from .callbacks import error_summary
+
+        local = getattr(trial, "error_file", None)
+        if not local or not Path(local).is_file():
+            return []
+        last, _ = error_summary(trial)
+        path = self.search_dir / "errors" / trial.trial_id / "error.txt"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(Path(local).read_text(errors="replace"))
+        return [{"op": "artifact", "run": trial.trial_id, "path": str(path)},
+                {"op": "batch", "run": trial.trial_id, "tags": [[TAG_ERROR, last[:500]]]}]
 
     def on_trial_complete(self, iteration, trials, trial, **info) -> None:
         result = trial.last_result or {}
@@ -607,7 +685,15 @@ class MlflowTracker(Callback):
                 f"{experiment_url(DEFAULT_UI_BASE, self.experiment_id)}")
 
     def end(self, status: str = "FINISHED") -> None:
-        """Terminate the parent run and flush everything (bounded); never raises."""
+        """Terminate the parent run and flush everything (bounded); never raises.
+
+        An interrupted search (``status`` KILLED or FAILED) also ends the runs of its
+        trials in flight as KILLED; a resumed search sets them RUNNING again."""
+        if status != "FINISHED":
+            now = _now_ms()
+            for tid in self.trial_runs:
+                if tid not in self.completed:
+                    self.pending.append({"op": "end", "run": tid, "status": "KILLED", "time": now})
         self.pending.append({"op": "end", "run": PARENT, "status": status, "time": _now_ms()})
         self._guarded("end", self.flush, timeout_s=self.retry.final_timeout_s)
         if self.pending:

@@ -31,7 +31,7 @@ def test_demo_search_defaults(tmp_path):
     parents, children = runs_of(f"sqlite:///{tmp_path / 'mlflow.db'}")
     assert len(parents) == 1 and len(children) == n
     parent = parents[0]
-    assert parent.data.tags["haqtune.searcher"] == "random"
+    assert parent.data.tags["haqtune.searcher"] == "haq"  # the default searcher
     assert parent.data.params["hardware"] == "bismo-edge"
     num_layers = int(parent.data.params["num_layers"])
     keys = {f"{p}_{i}" for i in range(num_layers) for p in "wa"}

@@ -4,7 +4,14 @@ from .data import DataSplits, load_dataset
 from .models import DEMO, BuiltModel, DemoNet, UnknownModelError, build_model
 from .quantize import QuantLayer, quantize_activation, quantize_model, quantize_weight
 from .training import DivergedError, TrainSettings, evaluate, pick_device, train, train_reference
-from .trial import TrialContext, evaluate_on_test, finetune_policy, quantize_and_finetune
+from .trial import (
+    TrialContext,
+    evaluate_checkpoint,
+    evaluate_on_test,
+    finetune_policy,
+    load_quantized_checkpoint,
+    quantize_and_finetune,
+)
 
 __all__ = [
     "DEMO",
@@ -18,9 +25,11 @@ __all__ = [
     "UnknownModelError",
     "build_model",
     "evaluate",
+    "evaluate_checkpoint",
     "evaluate_on_test",
     "finetune_policy",
     "load_dataset",
+    "load_quantized_checkpoint",
     "pick_device",
     "quantize_activation",
     "quantize_model",

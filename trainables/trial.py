@@ -3,13 +3,52 @@
 ``quantize_and_finetune(config, context)`` is what every trial runs. Ray ships the
 ``TrialContext`` (reference weights, cost table, budget, settings) to workers once
 through the object store with ``tune.with_parameters``.
+
+Trial checkpoint (the input of the final test evaluation and of a later export)
+-------------------------------------------------------------------------------
+A trial that completes its fine-tune attaches a Tune checkpoint to its final report:
+a directory holding one file, ``quantized_model.pt`` (``torch.save`` of a dict,
+loadable with ``torch.load(..., weights_only=True)``), format ``CHECKPOINT_FORMAT``:
+
+- ``format``: ``"haqtune.quantized/1"``
+- ``model``, ``model_kwargs``, ``input_shape``: rebuild the network with
+  ``trainables.build_model(model, **model_kwargs)`` (``input_shape`` = one sample, C×H×W)
+- ``layer_names``: the quantized layers, in policy order
+- ``policy``: ``[[w_bits, a_bits], ...]`` per layer (projected: what was trained)
+- ``signed``: per layer, whether its activations are quantized signed
+- ``state_dict``: the fine-tuned quantized model's ``state_dict`` on CPU: each quantized
+  layer ``<name>`` is a ``QuantLayer`` whose float weight is ``<name>.layer.weight``,
+  with buffers ``<name>.w_clip`` (per-output-channel weight clip) and ``<name>.alpha``
+  (activation clip); the integer weights are ``quantize_weight(weight, w_bits, w_clip)``
+- ``metrics``: the trial's final report (``val_acc``, costs, ``policy`` text, ...)
+- ``seed``: the search seed
+
+``load_quantized_checkpoint(directory)`` turns it back into the ``nn.Module`` the
+trial evaluated (same outputs), and is what the final test evaluation uses.
+
+Testing hook: fault injection
+-----------------------------
+``HAQTUNE_TEST_FAULTS`` (unset in normal use) makes chosen trials misbehave, so the
+failure handling can be tested end to end with real Ray workers. It is a comma list
+of ``KIND@INDEX[:TIMES]``: the ``INDEX``-th trial to start (1, 2, ...) fails with
+``KIND`` on its first ``TIMES`` attempts (default: every attempt). Kinds: ``raise`` (a
+``RuntimeError``), ``nan`` (the fine-tune diverges: its loss becomes non-finite),
+``kill`` (the worker process is SIGKILLed mid-trial). Trial numbers and attempts are
+counted with marker files in ``HAQTUNE_TEST_FAULTS_DIR`` (default: ``.haqtune-faults/``
+beside the trials' directories, which a resumed search does not share: set it to
+count across a resume).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import os
+import signal
+import tempfile
 import zlib
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -32,6 +71,11 @@ from .training import (
 
 HAQ_REWARD_SCALE = 0.1  # HAQ: reward = 0.1 * (acc - ref_acc)
 CALIBRATION_SAMPLES = 256
+CHECKPOINT_FILE = "quantized_model.pt"
+CHECKPOINT_FORMAT = "haqtune.quantized/1"
+FAULTS_ENV = "HAQTUNE_TEST_FAULTS"
+FAULTS_DIR_ENV = "HAQTUNE_TEST_FAULTS_DIR"
+FAULT_KINDS = ("raise", "nan", "kill")
 
 
 @dataclass(frozen=True)
@@ -122,24 +166,149 @@ def trial_metrics(context: TrialContext, policy: np.ndarray, val_acc: float) -> 
 
 
 def quantize_and_finetune(config: dict, context: TrialContext) -> None:
-    """Ray Tune function trainable; use with ``tune.with_parameters(..., context=ctx)``."""
+    """Ray Tune function trainable; use with ``tune.with_parameters(..., context=ctx)``.
+
+    Reports ``val_acc`` after every epoch; the final report carries the fine-tuned
+    quantized model as a Tune checkpoint (format in the module docstring). A trial
+    restored with that checkpoint (its driver died after the final report) reports
+    the same final result again instead of training a second time.
+    """
     from ray import tune
 
     torch.set_num_threads(max(1, int(config.get("_num_threads", 1))))
     policy = context.project(policy_from_config(config, len(context.layer_names)))
     last_epoch = max(context.finetune.epochs, 0)
 
-    def report(epoch: int, val_acc: float) -> None:
-        tune.report({**trial_metrics(context, policy, val_acc), M.EPOCH: epoch,
-                     M.DONE: int(epoch == last_epoch)})
+    restored = tune.get_checkpoint()
+    if restored is not None:
+        with restored.as_directory() as directory:
+            saved = torch.load(Path(directory) / CHECKPOINT_FILE, map_location="cpu", weights_only=True)
+        if saved["policy"] == policy.tolist():
+            tune.report(saved["metrics"], checkpoint=restored)
+            return
 
-    finetune_policy(context, policy, on_epoch=report)
+    context = _inject_faults(context)
+
+    def report(epoch: int, val_acc: float) -> None:
+        if epoch < last_epoch:  # the last epoch is reported below, with the checkpoint
+            tune.report({**trial_metrics(context, policy, val_acc), M.EPOCH: epoch, M.DONE: 0})
+
+    model, _, _, val_acc = finetune_policy(context, policy, on_epoch=report)
+    metrics = {**trial_metrics(context, policy, val_acc), M.EPOCH: last_epoch, M.DONE: 1}
+    with tempfile.TemporaryDirectory(prefix="haqtune-ckpt-") as directory:
+        save_quantized_checkpoint(directory, model, context=context, policy=policy, metrics=metrics)
+        tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(directory))
+
+
+def save_quantized_checkpoint(directory, model: torch.nn.Module, *, context: TrialContext,
+                              policy: np.ndarray, metrics: dict) -> Path:
+    """Write a trial checkpoint (format in the module docstring) into ``directory``."""
+    signed = [bool(model.get_submodule(name).signed) for name in context.layer_names]
+    built_shape = build_model(context.model, seed=context.seed, **context.model_kwargs).input_shape
+    path = Path(directory) / CHECKPOINT_FILE
+    torch.save({
+        "format": CHECKPOINT_FORMAT, "model": context.model, "model_kwargs": dict(context.model_kwargs),
+        "input_shape": list(built_shape), "layer_names": list(context.layer_names),
+        "policy": np.asarray(policy).tolist(), "signed": signed,
+        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "metrics": metrics, "seed": context.seed,
+    }, path)
+    return path
+
+
+def load_quantized_checkpoint(directory) -> tuple[torch.nn.Module, dict]:
+    """The quantized model a trial checkpoint holds (in eval mode, on CPU) and its saved dict."""
+    saved = torch.load(Path(directory) / CHECKPOINT_FILE, map_location="cpu", weights_only=True)
+    if saved.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"{directory}: expected a {CHECKPOINT_FORMAT} checkpoint, got format "
+                         f"{saved.get('format')!r}")
+    built = build_model(saved["model"], seed=saved["seed"], **saved["model_kwargs"])
+    # Calibration only has to run: every range it sets is overwritten by the saved buffers.
+    calib = torch.randn((2, *built.input_shape), generator=torch.Generator().manual_seed(0))
+    qmodel = quantize_model(built.model, saved["layer_names"], saved["policy"], calib)
+    for name, signed in zip(saved["layer_names"], saved["signed"], strict=True):
+        qmodel.get_submodule(name).signed = bool(signed)
+    qmodel.load_state_dict(saved["state_dict"])
+    qmodel.eval()
+    return qmodel, saved
+
+
+def evaluate_checkpoint(directory, *, dataset: str, data_root: str, input_size: int | None,
+                        gpus: float = 0.0, num_threads: int = 1) -> dict:
+    """Validation and test accuracy of the model in a trial checkpoint (the final report)."""
+    torch.set_num_threads(max(1, int(num_threads)))
+    model, saved = load_quantized_checkpoint(directory)
+    device = pick_device(gpus)
+    model.to(device)
+    data = _cached_dataset(dataset, data_root, input_size)
+    return {"checkpoint_val_acc": evaluate(model, data.val, device=device),
+            M.TEST_ACC: evaluate(model, data.test, device=device), "metrics": saved["metrics"]}
+
+
+def parse_faults(text: str | None) -> dict[int, tuple[str, int | None]]:
+    """``HAQTUNE_TEST_FAULTS`` -> ``{trial_index: (kind, times or None)}`` (see module docstring)."""
+    faults: dict[int, tuple[str, int | None]] = {}
+    for item in filter(None, (t.strip() for t in (text or "").split(","))):
+        try:
+            kind, _, rest = item.partition("@")
+            index, _, times = rest.partition(":")
+            parsed = (kind, int(times) if times else None)
+            faults[int(index)] = parsed
+        except ValueError:
+            raise ValueError(f"{FAULTS_ENV}: expected KIND@INDEX[:TIMES] items, got {item!r}") from None
+        if kind not in FAULT_KINDS:
+            raise ValueError(f"{FAULTS_ENV}: choose a kind between {', '.join(FAULT_KINDS)}, got {kind!r}")
+    return faults
+
+
+def _trial_number(state_dir: Path, trial_id: str) -> int:
+    """1, 2, ... in the order trials first start (claimed atomically: trials run in parallel)."""
+    own = state_dir / f"id-{trial_id}"
+    if own.exists():
+        return int(own.read_text())
+    number = 1
+    while True:
+        try:
+            fd = os.open(state_dir / f"number-{number}", os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            number += 1
+            continue
+        os.close(fd)
+        own.write_text(str(number))
+        return number
+
+
+def _inject_faults(context: TrialContext) -> TrialContext:
+    """The testing hook (module docstring); returns ``context`` unchanged when unset."""
+    faults = parse_faults(os.environ.get(FAULTS_ENV))
+    if not faults:
+        return context
+    from ray import tune
+
+    trial = tune.get_context()
+    state_dir = Path(os.environ.get(FAULTS_DIR_ENV) or Path(trial.get_trial_dir()).parent / ".haqtune-faults")
+    state_dir.mkdir(parents=True, exist_ok=True)
+    index = _trial_number(state_dir, trial.get_trial_id())
+    if index not in faults:
+        return context
+    kind, times = faults[index]
+    attempt = len(list(state_dir.glob(f"attempt-{trial.get_trial_id()}-*"))) + 1
+    (state_dir / f"attempt-{trial.get_trial_id()}-{attempt}").touch()
+    if times is not None and attempt > times:
+        return context
+    if kind == "raise":
+        raise RuntimeError(f"injected fault ({FAULTS_ENV}) in trial {index}, attempt {attempt}")
+    if kind == "kill":
+        os.kill(os.getpid(), signal.SIGKILL)
+    # nan: a learning rate that overflows float32 at the first step (non-finite loss).
+    return dataclasses.replace(context, finetune=dataclasses.replace(context.finetune, lr=1.0e38))
 
 
 def evaluate_on_test(context: TrialContext, policy) -> dict:
     """Re-run a policy's fine-tune (same seed, same result) and measure the test split.
 
-    Used by the driver for the final best policies only: the search never sees test.
+    For callers without a trial checkpoint; a search's final report loads its trials'
+    checkpoints instead (``evaluate_checkpoint``).
     """
     policy = context.project(policy)
     # Same thread count as the trial: float reductions (and so the fine-tune) depend on it.
