@@ -17,6 +17,7 @@ from orchestrator.searchers.haq import (
     bits_to_action,
     episode_states,
     layer_features,
+    range_mask,
     truncated_normal,
 )
 from search_spaces import Budget, format_policy, policy_cost, policy_from_config
@@ -73,16 +74,16 @@ def test_episode_states_carry_the_w_a_flag_and_previous_action():
 @pytest.mark.parametrize(("lo", "hi"), [(1, 8), (2, 6), (4, 4)])
 def test_action_to_bits_uses_equal_bins(lo, hi):
     actions = np.linspace(0, 1, 100_001)
-    bits = action_to_bits(actions, lo, hi)
+    bits = action_to_bits(actions, range_mask(lo, hi))
     assert bits.min() == lo and bits.max() == hi
-    assert action_to_bits([0.0], lo, hi)[0] == lo and action_to_bits([1.0], lo, hi)[0] == hi
+    assert action_to_bits([0.0], range_mask(lo, hi))[0] == lo and action_to_bits([1.0], range_mask(lo, hi))[0] == hi
     counts = np.bincount(bits - lo)
     assert counts.max() - counts.min() <= 2  # each bitwidth gets 1 / (hi - lo + 1) of [0, 1]
     every = np.arange(lo, hi + 1)
-    np.testing.assert_array_equal(action_to_bits(bits_to_action(every, lo, hi), lo, hi), every)
+    np.testing.assert_array_equal(action_to_bits(bits_to_action(every, range_mask(lo, hi)), range_mask(lo, hi)), every)
     # HAQ's formula, literally.
     a = 0.37
-    assert action_to_bits([a], lo, hi)[0] == min(max(round(a * (hi - lo + 1) + lo - 0.5), lo), hi)
+    assert action_to_bits([a], range_mask(lo, hi))[0] == min(max(round(a * (hi - lo + 1) + lo - 0.5), lo), hi)
 
 
 def test_truncated_normal_stays_in_range_and_centres_on_mu():
@@ -174,7 +175,7 @@ def test_fast_rollout_follows_the_actor():
     s = haq(warmup=0, init_noise=1e-9, **SMALL)
     drive(s, ["t0", "t1"])  # trained a little: not the initial weights
     actions = s._rollout(5)
-    bits = action_to_bits(actions, MIN_BITS, MAX_BITS)
+    bits = action_to_bits(actions, range_mask(MIN_BITS, MAX_BITS))
     states = episode_states(s.features, bits, MAX_BITS)
     with torch.no_grad():
         expected = s.actor(torch.from_numpy(states)).squeeze(1).numpy()
@@ -202,10 +203,10 @@ def test_learns_from_the_evaluated_policy():
     drawn = s._pending["t0"].actions.copy()
     s.on_trial_complete("t0", result)
     n = 2 * L
-    stored_bits = action_to_bits(s.replay.actions[:n, 0], MIN_BITS, MAX_BITS)
+    stored_bits = action_to_bits(s.replay.actions[:n, 0], range_mask(MIN_BITS, MAX_BITS))
     np.testing.assert_array_equal(stored_bits, evaluated.reshape(-1))
     # Where the drawn bits survived, the drawn action is kept as drawn.
-    kept = action_to_bits(drawn, MIN_BITS, MAX_BITS) == evaluated.reshape(-1)
+    kept = action_to_bits(drawn, range_mask(MIN_BITS, MAX_BITS)) == evaluated.reshape(-1)
     np.testing.assert_allclose(s.replay.actions[:n, 0][kept], drawn[kept], rtol=1e-6)
     np.testing.assert_allclose(s.replay.states[1:n, 9], evaluated.reshape(-1)[:-1] / MAX_BITS)
     assert s.replay.not_done[:n, 0].tolist() == [1.0] * (n - 1) + [0.0]
@@ -215,7 +216,7 @@ def test_learns_from_the_evaluated_policy():
     result = fake_result(s.problem, config)
     del result[M.POLICY]
     s.on_trial_complete("t1", result)
-    stored_bits = action_to_bits(s.replay.actions[n:2 * n, 0], MIN_BITS, MAX_BITS)
+    stored_bits = action_to_bits(s.replay.actions[n:2 * n, 0], range_mask(MIN_BITS, MAX_BITS))
     np.testing.assert_array_equal(stored_bits, policy_from_config(config, L).reshape(-1))
 
 
