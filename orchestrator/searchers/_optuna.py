@@ -50,9 +50,11 @@ class HaqtuneOptunaSearch(OptunaSearch):
 
     def suggest(self, trial_id: str):
         config = super().suggest(trial_id)
-        if not isinstance(config, dict):
+        # A searcher pickled before the index encoding has no ``_widths``: its study samples bits.
+        widths = getattr(self, "_widths", None)
+        if not isinstance(config, dict) or widths is None:
             return config  # None or FINISHED
-        return {k: self._widths[k][int(v)] if k in self._widths else v for k, v in config.items()}
+        return {k: widths[k][int(v)] if k in widths else v for k, v in config.items()}
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
         if trial_id in self._ot_trials:
