@@ -74,3 +74,18 @@ def test_bit_sets_and_fix_first_last(tmp_path):
     assert not SearchConfig(searcher="haq", fix_first_last=False).fixes_first_last
     assert SearchConfig(searcher="tpe", fix_first_last=True).fixes_first_last
     assert SearchConfig().allowed_bits(3) == AllowedBits.full(3)
+
+
+def test_search_states_its_bits_and_the_hardwares_natural_set():
+    from orchestrator.search import _echo_bits, prepare
+
+    lines = []
+    prepared = prepare(SearchConfig(searcher="haq", hardware="bitfusion", budget=None))
+    _echo_bits(prepared, lines.append)
+    assert lines[0] == ("haqtune: bits w 8 a 8 (layers 0, 11); w 1-8 a 1-8 (layers 1-10) "
+                        "(first and last layers fixed: fix_first_last)")
+    assert "natural bits 2, 4, 8" in lines[1] and "bits: {w: [2, 4, 8], a: [2, 4, 8]}" in lines[1]
+    lines.clear()  # already on the natural set: no note
+    _echo_bits(prepare(SearchConfig(hardware="bitfusion", budget=None,
+                                    bits={"w": [2, 4, 8], "a": [8]})), lines.append)
+    assert lines == ["haqtune: bits w 2,4,8 a 8"]
