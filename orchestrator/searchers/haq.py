@@ -15,7 +15,8 @@ How a search maps onto HAQ (reference: mit-han-lab/haq, ``rl_quantize.py``,
   step). Linear layers have stride 0 and kernel 1, as in HAQ.
 - **Action** a in [0, 1] -> the k-th of the step's n allowed widths (ascending), k =
   min(floor(a * n), n - 1): equal-width bins, one per allowed width. For the range
-  [min_bits, max_bits] this is HAQ's round(a * (max - min + 1) + min - 0.5), clipped;
+  [min_bits, max_bits] this is HAQ's round(a * (max - min + 1) + min - 0.5), clipped
+  (up to the rounding of exact bin edges);
   for a bit set such as {2, 4, 8} each width gets a third of [0, 1]; a fixed layer
   (``fix_first_last``) has one width, whatever the action.
 - **Exploration.** The first ``warmup`` episodes draw uniform random actions. After
@@ -86,7 +87,7 @@ import torch
 from ray.tune.search import Searcher
 from torch import nn
 
-from hardware import BITS, MIN_BITS, NUM_BITS, LayerSpec
+from hardware import BITS, MAX_BITS, MIN_BITS, NUM_BITS, LayerSpec
 from search_spaces import AllowedBits, config_from_policy, parse_policy
 from search_spaces import metrics as M
 
@@ -403,8 +404,8 @@ class HAQSearcher(SearchPropertiesMixin, Searcher):
             self.num_steps if config.updates_per_episode is None else config.updates_per_episode
         )
         self.features = layer_features(list(problem.layers))
-        self.mask = step_mask(problem.allowed)  # [2L, 8] allowed widths per step
-        self._widths = [np.flatnonzero(m).tolist() for m in self.mask]  # bits - MIN_BITS, per step
+        self.allowed_mask = step_mask(problem.allowed)  # [2L, 8] allowed widths per step
+        self._widths = [np.flatnonzero(m).tolist() for m in self.allowed_mask]  # bits - MIN_BITS, per step
         # Static part of every step's state (all but the previous action).
         self._step_states = episode_states(self.features, np.ones(self.num_steps), 1)
 
@@ -437,7 +438,7 @@ class HAQSearcher(SearchPropertiesMixin, Searcher):
         index = self.episodes_suggested
         self.episodes_suggested += 1
         actions = self._rollout(index)
-        bits = action_to_bits(actions, self.mask)
+        bits = action_to_bits(actions, self.allowed_mask)
         policy = self.problem.project(bits.reshape(-1, 2))
         self._pending[trial_id] = _Episode(index, actions, policy)
         return config_from_policy(policy)
@@ -541,9 +542,9 @@ class HAQSearcher(SearchPropertiesMixin, Searcher):
         return episode.policy
 
     def _store(self, episode: _Episode, policy: np.ndarray, reward: float) -> None:
-        bits_seq = self.problem.allowed.snap(policy).reshape(-1)
-        drawn_bits = action_to_bits(episode.actions, self.mask)
-        actions = np.where(drawn_bits == bits_seq, episode.actions, bits_to_action(bits_seq, self.mask))
+        bits_seq = self.problem.allowed.snap(np.clip(policy, MIN_BITS, MAX_BITS)).reshape(-1)
+        drawn_bits = action_to_bits(episode.actions, self.allowed_mask)
+        actions = np.where(drawn_bits == bits_seq, episode.actions, bits_to_action(bits_seq, self.allowed_mask))
         states = episode_states(self.features, bits_seq, self.problem.max_bits)
         next_states = np.concatenate([states[1:], states[-1:]])  # last: terminal, unused
         not_done = np.ones(self.num_steps, dtype=np.float32)
