@@ -172,6 +172,21 @@ def test_uniform_save_restore_is_atomic_and_keeps_position(tmp_path):
         make_searcher("uniform", _problem(layers=LAYERS[:2], table=_table(LAYERS[:2]))).restore(str(path))
 
 
+def test_checkpoints_carry_the_allowed_bits(tmp_path):
+    path = tmp_path / "uniform.json"
+    make_searcher("uniform", _problem()).save(str(path))
+    sets = _problem(allowed=AllowedBits.build(len(LAYERS), w_bits=[4, 8], fix_first_last=True))
+    with pytest.raises(ValueError, match=r"expected a search over 3 layers with bits w 8 a 8 \(layers 0, 2\)"):
+        make_searcher("uniform", sets).restore(str(path))
+    # A checkpoint written before bit sets existed meant [min_bits, max_bits] everywhere.
+    state = json.loads(path.read_text())
+    del state["space"]["allowed"]
+    path.write_text(json.dumps(state))
+    make_searcher("uniform", _problem()).restore(str(path))
+    with pytest.raises(ValueError, match="expected a search over 3 layers"):
+        make_searcher("uniform", sets).restore(str(path))
+
+
 # ---- sensitivity-dp ----------------------------------------------------------------------
 
 
