@@ -27,7 +27,13 @@ from ._cost import (
     check_policies,
 )
 from ._layers import LAYER_KINDS, LayerSpec, NoQuantizableLayersError, extract_layers
-from ._registry import UnknownHardwareError, get_cost_model, list_cost_models, register_cost_model
+from ._registry import (
+    UnknownHardwareError,
+    cost_model_natural_bits,
+    get_cost_model,
+    list_cost_models,
+    register_cost_model,
+)
 from ._table import TableCostModel, load_table
 
 __all__ = [
@@ -53,6 +59,7 @@ __all__ = [
     "TableCostModel",
     "UnknownHardwareError",
     "check_policies",
+    "cost_model_natural_bits",
     "extract_layers",
     "get_cost_model",
     "list_cost_models",

@@ -20,6 +20,10 @@ class AnalyticCostModel:
     name: str = ""
     description: str = ""
     default_batch: int = 1
+    # The widths the hardware really distinguishes: any other width costs, in compute,
+    # what the next natural width above it costs (memory traffic still scales with
+    # every bit). None: every width 1-8 has its own cost (bit-serial hardware).
+    natural_bits: tuple[int, ...] | None = None
 
     def grid_costs(
         self, specs: Sequence[LayerSpec], w_bits: np.ndarray, a_bits: np.ndarray, batch: int

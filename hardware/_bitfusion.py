@@ -29,6 +29,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ._analytic import AnalyticCostModel
+from ._cost import BITS, MAX_BITS
 from ._gemm import (
     E_ADD32_J,
     E_DRAM_BIT_J,
@@ -55,6 +56,11 @@ _BRICKS_BY_BITS = np.array([0, 1, 1, 2, 2, 4, 4, 4, 4], dtype=np.float64)
 def bricks(bits) -> np.ndarray:
     """2-bit BitBrick slices one ``bits``-wide operand occupies (1, 2 or 4)."""
     return _BRICKS_BY_BITS[np.asarray(bits, dtype=np.int64)]
+
+
+# The widths the fusion distinguishes: the widest width at each brick count (2, 4, 8).
+# 1 bit computes as 2, 3 as 4, 5-7 as 8, so a search need not spend trials on them.
+NATURAL_BITS = tuple(int(b) for b in BITS if b == MAX_BITS or bricks(b + 1) > bricks(b))
 
 
 @dataclass(frozen=True)
@@ -99,6 +105,8 @@ BITFUSION = BitFusionConfig()
 
 class BitFusionCostModel(AnalyticCostModel):
     """Roofline model of BitFusion (see the module docstring)."""
+
+    natural_bits = NATURAL_BITS
 
     def __init__(self, *, name: str, description: str, config: BitFusionConfig) -> None:
         self.name = name
@@ -160,7 +168,7 @@ class BitFusionCostModel(AnalyticCostModel):
 _DESCRIPTION = "BitFusion (ISCA 2018): 16x32 fusible 2-bit BitBrick array, 500 MHz, 45 nm, batch 16"
 
 
-@register_cost_model("bitfusion", _DESCRIPTION)
+@register_cost_model("bitfusion", _DESCRIPTION, natural_bits=NATURAL_BITS)
 def bitfusion(**overrides) -> BitFusionCostModel:
     """Build the model; keyword arguments override fields of its ``BitFusionConfig``."""
     known = {f.name for f in dataclasses.fields(BitFusionConfig)}

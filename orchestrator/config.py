@@ -12,12 +12,16 @@ from typing import Any
 import yaml
 
 from hardware import MAX_BITS, MIN_BITS
-from search_spaces import Budget, check_bit_range
+from search_spaces import AllowedBits, Budget, check_bit_range, check_bit_set
 from trainables.training import TrainSettings as TrainConfig  # the config's training sections
 
 from .errors import HaqtuneError
 
 SCHEDULERS = ("fifo", "asha")
+# Searchers that keep the first layer and the classifier at 8/8 unless ``fix_first_last``
+# says otherwise: HAQ's own convention, so ``haq`` reproduces the paper by default.
+FIX_FIRST_LAST_BY_DEFAULT = ("haq",)
+BIT_SET_KEYS = ("w", "a")
 
 
 def _default_reference() -> TrainConfig:
@@ -58,6 +62,12 @@ class SearchConfig:
     budget: Budget | None = field(default_factory=lambda: Budget.parse("latency=0.5"))
     min_bits: int = MIN_BITS
     max_bits: int = MAX_BITS
+    # Bit sets a target supports, e.g. {"w": [2, 4, 8], "a": [4, 8]}: each a non-empty
+    # list of widths in [min_bits, max_bits]; a missing key means all of that range.
+    bits: dict | None = None
+    # First layer and classifier at their highest allowed width (8/8); None = the
+    # searcher's default (true for haq, false otherwise), see ``fixes_first_last``.
+    fix_first_last: bool | None = None
     reference: TrainConfig = field(default_factory=_default_reference)
     finetune: TrainConfig = field(default_factory=_default_finetune)
     searcher_options: dict = field(default_factory=dict)
@@ -92,6 +102,9 @@ class SearchConfig:
             check_bit_range(self.min_bits, self.max_bits)
         except ValueError as exc:
             raise HaqtuneError(str(exc)) from None
+        self._check_bit_sets()
+        if self.fix_first_last is not None and not isinstance(self.fix_first_last, bool):
+            raise HaqtuneError(f"fix_first_last: expected true or false, got {self.fix_first_last!r}")
         if self.scheduler not in SCHEDULERS:
             raise HaqtuneError(f"scheduler: choose between {', '.join(SCHEDULERS)}, got {self.scheduler!r}")
         for name in ("cpus_per_trial", "gpus_per_trial"):
@@ -106,6 +119,38 @@ class SearchConfig:
         for name in ("hardware_options", "searcher_options"):
             if not isinstance(getattr(self, name), dict):
                 raise HaqtuneError(f"{name}: expected a mapping, got {getattr(self, name)!r}")
+
+    def _check_bit_sets(self) -> None:
+        if self.bits is None:
+            return
+        if not isinstance(self.bits, dict) or not self.bits or set(self.bits) - set(BIT_SET_KEYS):
+            raise HaqtuneError(
+                "bits: expected a mapping with keys w and/or a, each a list of bit widths "
+                f"(e.g. {{w: [2, 4, 8], a: [4, 8]}}), got {self.bits!r}"
+            )
+        normalized = {}
+        for key in BIT_SET_KEYS:
+            if key in self.bits:
+                try:
+                    widths = check_bit_set(f"bits.{key}", self.bits[key], self.min_bits, self.max_bits)
+                except ValueError as exc:
+                    raise HaqtuneError(str(exc)) from None
+                normalized[key] = list(widths)
+        object.__setattr__(self, "bits", normalized)  # sorted, without duplicates
+
+    @property
+    def fixes_first_last(self) -> bool:
+        """``fix_first_last`` as the search uses it: the setting, or the searcher's default."""
+        if self.fix_first_last is None:
+            return self.searcher in FIX_FIRST_LAST_BY_DEFAULT
+        return self.fix_first_last
+
+    def allowed_bits(self, num_layers: int) -> AllowedBits:
+        """The per-layer widths of a search over ``num_layers`` layers."""
+        bits = self.bits or {}
+        return AllowedBits.build(num_layers, min_bits=self.min_bits, max_bits=self.max_bits,
+                                 w_bits=bits.get("w"), a_bits=bits.get("a"),
+                                 fix_first_last=self.fixes_first_last)
 
     # ---- construction -------------------------------------------------------------
 

@@ -24,13 +24,25 @@ IMAGENET_CLASSES = 1000
 @click.command("hardware")
 @user_errors
 def hardware() -> None:
-    """List the hardware cost models."""
-    from hardware import list_cost_models
+    """List the hardware cost models (and the bit widths each really distinguishes)."""
+    from hardware import cost_model_natural_bits, list_cost_models
 
     models = list_cost_models()
     width = max(len(name) for name in models)
     for name, description in models.items():
         click.echo(f"{name:<{width}}  {description}")
+        note = natural_bits_note(cost_model_natural_bits(name))
+        if note:
+            click.echo(f"{'':<{width}}  {note}")
+
+
+def natural_bits_note(natural_bits) -> str | None:
+    """One line on a model's natural bit widths and the search setting that uses them."""
+    if natural_bits is None:
+        return None
+    widths = ", ".join(map(str, natural_bits))
+    return (f"natural bits {widths}: other widths compute as the next one up (memory traffic "
+            f"still scales per bit); suggested setting: bits: {{w: [{widths}], a: [{widths}]}}")
 
 
 def parse_bits(text: str) -> tuple[int, int]:

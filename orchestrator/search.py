@@ -13,8 +13,10 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
+import numpy as np
+
 from hardware import CostTable, LayerSpec, extract_layers, get_cost_model
-from search_spaces import check_feasible
+from search_spaces import AllowedBits, check_feasible
 from search_spaces import metrics as M
 from trainables.data import DATASETS
 from trainables.models import build_model
@@ -35,6 +37,7 @@ class PreparedSearch:
     input_shape: tuple[int, int, int]
     budget_limit: float | None
     model_kwargs: dict  # build_model keywords every process uses (classes, input size, channels)
+    allowed: AllowedBits | None = None  # per-layer widths: bit sets, fixed first/last layers
 
 
 def _dataset_facts(config: SearchConfig) -> tuple[int, tuple[int, int, int] | None]:
@@ -67,12 +70,13 @@ def prepare(config: SearchConfig) -> PreparedSearch:
             )
         layers = extract_layers(built.model, built.input_shape)
         table = cost_model.table(layers, config.batch)
-        limit = check_feasible(table, config.budget, config.min_bits) if config.budget else None
+        allowed = config.allowed_bits(len(layers))
+        limit = check_feasible(table, config.budget, allowed=allowed) if config.budget else None
     except HaqtuneError:
         raise
     except (ValueError, TypeError, RuntimeError) as exc:
         raise HaqtuneError(str(exc)) from None
-    return PreparedSearch(config, layers, table, tuple(built.input_shape), limit, model_kwargs)
+    return PreparedSearch(config, layers, table, tuple(built.input_shape), limit, model_kwargs, allowed)
 
 
 def new_search_id(searcher: str) -> str:
@@ -86,6 +90,7 @@ def _search_params(config: SearchConfig, prepared: PreparedSearch) -> dict:
         "num_trials": config.num_trials, "max_concurrent": config.max_concurrent,
         "scheduler": config.scheduler, "num_layers": len(prepared.layers),
         "min_bits": config.min_bits, "max_bits": config.max_bits,
+        "bits": prepared.allowed.describe(), "fix_first_last": config.fixes_first_last,
         "finetune_epochs": config.finetune.epochs, "batch": prepared.table.batch,
     }
 
@@ -184,6 +189,7 @@ def run(prepared: PreparedSearch, *, echo=print, search_id: str | None = None,
     echo(f"haqtune: {'resuming' if plan.resumed else 'search'} {plan.search_id}: {plan.config.searcher} on "
          f"{plan.config.model}/{plan.config.dataset}, {plan.config.hardware} (batch {prepared.table.batch}), "
          f"budget {plan.config.budget}, {len(prepared.layers)} layers, {plan.config.num_trials} trials")
+    _echo_bits(prepared, echo)
     context = build_reference(plan, prepared, echo)
     searcher = None if plan.resumed else build_searcher(plan, prepared, context)
     tracker = build_tracker(plan, prepared)
@@ -245,7 +251,7 @@ def build_reference(plan: SearchPlan, prepared: PreparedSearch, echo):
         reference_state=state, ref_acc=ref_acc, table=prepared.table, budget=config.budget,
         finetune=config.finetune, seed=config.seed,
         min_bits=config.min_bits, max_bits=config.max_bits, data_root=config.data_root,
-        gpus_per_trial=config.gpus_per_trial)
+        gpus_per_trial=config.gpus_per_trial, allowed=prepared.allowed)
 
 
 def build_searcher(plan: SearchPlan, prepared: PreparedSearch, context):
@@ -255,7 +261,8 @@ def build_searcher(plan: SearchPlan, prepared: PreparedSearch, context):
     config = plan.config
     problem = SearchProblem(
         layers=prepared.layers, table=prepared.table, budget=config.budget, min_bits=config.min_bits,
-        max_bits=config.max_bits, cost_metric=config.budget.metric if config.budget else M.LATENCY_MS,
+        max_bits=config.max_bits, allowed=prepared.allowed,
+        cost_metric=config.budget.metric if config.budget else M.LATENCY_MS,
         seed=config.seed, num_trials=config.num_trials, max_concurrent=config.max_concurrent,
         extra={"ref_acc": context.ref_acc}, accuracy_oracle=_accuracy_oracle(config, context))
     return make_searcher(config.searcher, problem, **config.searcher_options)
@@ -321,6 +328,21 @@ def run_tuner(plan: SearchPlan, context, searcher, tracker, echo):
     if interrupts.signal is not None:
         raise SearchInterrupted(plan.search_dir)
     return results
+
+
+def _echo_bits(prepared: PreparedSearch, echo) -> None:
+    """Say which widths the search may use, and whether the hardware tells more of them apart."""
+    from hardware import cost_model_natural_bits
+
+    from .cost_cli import natural_bits_note
+
+    config, allowed = prepared.config, prepared.allowed
+    echo(f"haqtune: bits {allowed.describe()}"
+         f"{' (first and last layers fixed: fix_first_last)' if config.fixes_first_last else ''}")
+    natural = cost_model_natural_bits(config.hardware)
+    searched = allowed.mask[~allowed.fixed] if not allowed.fixed.all() else allowed.mask
+    if natural is not None and searched[..., np.asarray(natural) - 1].sum() < searched.sum():
+        echo(f"haqtune: note: {config.hardware} {natural_bits_note(natural)}")
 
 
 # Searchers that measure per-layer sensitivity through ``SearchProblem.accuracy_oracle``.

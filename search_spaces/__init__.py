@@ -1,5 +1,6 @@
 """Per-layer bitwidth search spaces, policy encoding, budgets and their projection."""
 
+from ._allowed import AllowedBits, check_bit_range, check_bit_set, format_widths
 from ._budget import (
     BUDGET_METRICS,
     Budget,
@@ -11,7 +12,6 @@ from ._budget import (
 from ._space import (
     a_key,
     bitwidth_space,
-    check_bit_range,
     config_from_policy,
     format_policy,
     parse_policy,
@@ -23,6 +23,7 @@ from .knapsack import solve_mckp
 from .surrogate import SurrogateObjective
 
 __all__ = [
+    "AllowedBits",
     "BUDGET_METRICS",
     "Budget",
     "InfeasibleBudgetError",
@@ -30,9 +31,11 @@ __all__ = [
     "a_key",
     "bitwidth_space",
     "check_bit_range",
+    "check_bit_set",
     "check_feasible",
     "config_from_policy",
     "format_policy",
+    "format_widths",
     "parse_policy",
     "policy_cost",
     "policy_from_config",

@@ -7,7 +7,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from hardware import BYTES_PER_MB, MAX_BITS, MIN_BITS, NUM_BITS, CostTable, check_policies
+from hardware import BYTES_PER_MB, MAX_BITS, MIN_BITS, NUM_BITS, CostTable
+
+from ._allowed import AllowedBits
 
 BUDGET_METRICS = ("latency_ms", "energy_mj", "size_mb")
 # Relative budgets are written with the metric's bare name: ``latency=0.5``.
@@ -15,7 +17,7 @@ _RELATIVE_NAMES = {m.split("_")[0]: m for m in BUDGET_METRICS}
 
 
 class InfeasibleBudgetError(ValueError):
-    """Even the all-minimum-bits policy is over the budget."""
+    """Even the cheapest allowed policy (every layer at its lowest allowed widths) is over the budget."""
 
 
 @dataclass(frozen=True)
@@ -89,27 +91,34 @@ def _layer_metric(table: CostTable, metric: str) -> np.ndarray:
     return np.broadcast_to(size / 8.0 / BYTES_PER_MB, (table.num_layers, NUM_BITS, NUM_BITS))
 
 
-# (limit, per-layer cost grid) per (table, budget, min_bits): searchers project every
+# (limit, per-layer cost grid) per (table, budget, allowed bits): searchers project every
 # suggestion, and recomputing these each time doubled the cost of a HAQ suggestion.
 _PLANS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def _plan(table: CostTable, budget: Budget, min_bits: int) -> tuple[float, np.ndarray]:
+def _plan(table: CostTable, budget: Budget, allowed: AllowedBits) -> tuple[float, np.ndarray]:
     plans = _PLANS.setdefault(table, {})
-    key = (budget, min_bits)
+    key = (budget, allowed)
     if key not in plans:
-        plans[key] = (check_feasible(table, budget, min_bits), _layer_metric(table, budget.metric))
+        plans[key] = (check_feasible(table, budget, allowed=allowed), _layer_metric(table, budget.metric))
     return plans[key]
 
 
-def check_feasible(table: CostTable, budget: Budget, min_bits: int = MIN_BITS) -> float:
-    """Return the absolute limit; raise ``InfeasibleBudgetError`` if no policy meets it."""
+def check_feasible(table: CostTable, budget: Budget, *, allowed: AllowedBits | None = None,
+                   min_bits: int = MIN_BITS, max_bits: int = MAX_BITS) -> float:
+    """Return the absolute limit; raise ``InfeasibleBudgetError`` if no allowed policy meets it.
+
+    The cheapest allowed policy has every layer at its lowest allowed widths (costs
+    never rise when bits fall), so a fixed layer is priced at its fixed widths.
+    ``allowed`` (or, for short, ``min_bits``/``max_bits`` for every layer) is the space.
+    """
+    allowed = AllowedBits.resolve(table.num_layers, allowed, min_bits, max_bits)
     limit = budget.limit_for(table)
-    floor = policy_cost(table, table.uniform(min_bits), budget.metric)
+    floor = policy_cost(table, allowed.lowest, budget.metric)
     if floor > limit:
         raise InfeasibleBudgetError(
             f"budget {budget} is infeasible: it allows {budget.metric}={limit:.6g}, but even "
-            f"every layer at {min_bits} bit(s) costs {floor:.6g}"
+            f"every layer at its lowest allowed bits costs {floor:.6g} (allowed: {allowed.describe()})"
         )
     return limit
 
@@ -119,21 +128,28 @@ def project(
     table: CostTable,
     budget: Budget | None,
     *,
+    allowed: AllowedBits | None = None,
     min_bits: int = MIN_BITS,
     max_bits: int = MAX_BITS,
 ) -> np.ndarray:
-    """The policy every searcher's suggestion becomes: clipped to bounds, then inside the budget.
+    """The policy every searcher's suggestion becomes: allowed widths, then inside the budget.
 
-    HAQ's rule: while over budget, sweep the layers from the last to the first and,
-    per layer, lower the activation bits by one, then the weight bits by one (never
-    below ``min_bits``), stopping as soon as the cost is within the limit. Later
-    layers go first because they are usually the widest and least sensitive.
-    Raises ``InfeasibleBudgetError`` if even all-``min_bits`` is over budget.
+    ``allowed`` is each layer's set of widths (``min_bits``/``max_bits``: the same range
+    for every layer). First every width becomes the largest allowed one <= it (the
+    layer's lowest if none is: a clip for a range; a fixed layer gets its width).
+    Then HAQ's rule: while over budget, sweep the layers from the last to the first
+    and, per layer, lower the activation bits one step, then the weight bits one step
+    (a step = to the next lower allowed width; a layer at its lowest, e.g. a fixed
+    one, is skipped), stopping as soon as the cost is within the limit. Later layers
+    go first because they are usually the widest and least sensitive.
+    Raises ``InfeasibleBudgetError`` if even the cheapest allowed policy is over budget.
     """
-    pol = np.clip(check_policies(policy, table.num_layers)[0], min_bits, max_bits).astype(np.int64)
+    allowed = AllowedBits.resolve(table.num_layers, allowed, min_bits, max_bits)
+    pol = allowed.snap(policy)
     if budget is None:
         return pol
-    limit, per_layer = _plan(table, budget, min_bits)
+    limit, per_layer = _plan(table, budget, allowed)
+    down = allowed.step_down
     cost = policy_cost(table, pol, budget.metric)
     num_layers = table.num_layers
     rows = np.arange(num_layers)
@@ -147,10 +163,11 @@ def project(
         # gives the cost after each step and the first step inside the budget is a
         # lookup: HAQ's one-bit-at-a-time rule without a Python step per bit.
         w, a = pol[:, 0], pol[:, 1]
-        take_a = (a_pos >= start) & (a > min_bits)
-        take_w = (a_pos + 1 >= start) & (w > min_bits)
-        a1 = np.where(take_a, a - 1, a)
-        w1 = np.where(take_w, w - 1, w)
+        a_step, w_step = down[rows, 1, a], down[rows, 0, w]
+        take_a = (a_pos >= start) & (a_step < a)
+        take_w = (a_pos + 1 >= start) & (w_step < w)
+        a1 = np.where(take_a, a_step, a)
+        w1 = np.where(take_w, w_step, w)
         before = per_layer[rows, w - MIN_BITS, a - MIN_BITS]
         after_a = per_layer[rows, w - MIN_BITS, a1 - MIN_BITS]
         after_w = per_layer[rows, w1 - MIN_BITS, a1 - MIN_BITS]
@@ -170,7 +187,7 @@ def project(
             return pol
         start = last + 1
         if start == 2 * num_layers:
-            if np.all(pol == min_bits):
+            if np.array_equal(pol, allowed.lowest):
                 return pol
             start = 0
     return pol

@@ -10,6 +10,8 @@ import numpy as np
 
 from hardware import MAX_BITS, MIN_BITS
 
+from ._allowed import AllowedBits
+
 
 def w_key(i: int) -> str:
     return f"w_{i}"
@@ -24,20 +26,24 @@ def policy_keys(num_layers: int) -> list[str]:
     return [k for i in range(num_layers) for k in (w_key(i), a_key(i))]
 
 
-def check_bit_range(min_bits: int, max_bits: int) -> None:
-    if not (MIN_BITS <= min_bits <= max_bits <= MAX_BITS):
-        raise ValueError(
-            f"bits: expected {MIN_BITS} <= min_bits <= max_bits <= {MAX_BITS}, "
-            f"got min_bits={min_bits}, max_bits={max_bits}"
-        )
-
-
-def bitwidth_space(num_layers: int, *, min_bits: int = MIN_BITS, max_bits: int = MAX_BITS) -> dict:
-    """Ray Tune ``param_space``: ``w_i``/``a_i`` integers in [min_bits, max_bits]."""
+def bitwidth_space(num_layers: int, *, allowed: AllowedBits | None = None,
+                   min_bits: int = MIN_BITS, max_bits: int = MAX_BITS) -> dict:
+    """Ray Tune ``param_space`` over the allowed widths (``allowed``, or [min_bits, max_bits]
+    for every layer): ``tune.randint`` for a run of consecutive widths, ``tune.choice``
+    for any other set, the width itself for a layer with one choice (a fixed layer)."""
     from ray import tune
 
-    check_bit_range(min_bits, max_bits)
-    return {k: tune.randint(min_bits, max_bits + 1) for k in policy_keys(num_layers)}
+    allowed = AllowedBits.resolve(num_layers, allowed, min_bits, max_bits)
+    space = {}
+    for i in range(num_layers):
+        for key, widths in ((w_key(i), allowed.w[i]), (a_key(i), allowed.a[i])):
+            if len(widths) == 1:
+                space[key] = widths[0]
+            elif widths[-1] - widths[0] == len(widths) - 1:
+                space[key] = tune.randint(widths[0], widths[-1] + 1)
+            else:
+                space[key] = tune.choice(list(widths))
+    return space
 
 
 def policy_from_config(config: dict, num_layers: int) -> np.ndarray:

@@ -36,8 +36,9 @@ import numpy as np
 from hardware import BITS, MAX_BITS, MIN_BITS, NUM_BITS, CostTable, LayerSpec, check_policies
 
 from . import metrics as M
+from ._allowed import check_bit_range
 from ._budget import Budget, _layer_metric, project
-from ._space import check_bit_range, format_policy, policy_from_config
+from ._space import format_policy, policy_from_config
 from .knapsack import mckp_dp, solve_mckp
 
 DEFAULT_BUDGET = Budget("latency_ms", 0.5, relative=True)

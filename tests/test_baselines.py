@@ -16,7 +16,8 @@ from hardware import BITS, CostTable, LayerSpec
 from orchestrator.search import pareto_front
 from orchestrator.searchers import SearchProblem, make_searcher, searcher_info
 from orchestrator.searchers.sensitivity_dp import mckp_solutions, num_oracle_calls
-from search_spaces import Budget, policy_cost, policy_from_config, solve_mckp
+from orchestrator.searchers.uniform import uniform_pairs
+from search_spaces import AllowedBits, Budget, policy_cost, policy_from_config, solve_mckp
 from search_spaces import metrics as M
 
 NEW_SEARCHERS = ("gp", "cmaes", "qmc", "nsga2", "uniform", "sensitivity-dp")
@@ -117,8 +118,26 @@ def test_uniform_enumerates_every_uniform_policy_then_finishes():
     assert _drain(searcher, _problem()) == [((8, 8),), ((4, 8),), ((2, 4),)]
 
 
+def test_uniform_uses_only_allowed_widths_and_keeps_fixed_layers():
+    allowed = AllowedBits.build(len(LAYERS), w_bits=[4, 8], a_bits=[8], fix_first_last=True)
+    problem = _problem(allowed=allowed, budget=None)
+    searcher = make_searcher("uniform", problem)
+    policies = []
+    for i in range(3):
+        config = searcher.suggest(f"t{i}")
+        if config == Searcher.FINISHED:
+            break
+        policies.append(_policy(problem, config).tolist())
+    # 8/8, then 4/8 on every searched layer; the first and last layers stay at 8/8.
+    assert policies == [[[8, 8]] * 3, [[8, 8], [4, 8], [8, 8]]]
+    with pytest.raises(ValueError, match=r"expected bits allowed on every searched layer \(8\), got 4"):
+        make_searcher("uniform", problem, bits=[4])
+    sparse = _problem(allowed=AllowedBits.build(len(LAYERS), w_bits=[2, 4, 8], a_bits=[3, 6]))
+    assert uniform_pairs(sparse) == [(8, 6), (4, 6), (4, 3), (2, 3)]
+
+
 @pytest.mark.parametrize(("options", "message"), [
-    ({"bits": [9]}, "expected bits in [1, 8], got 9"),
+    ({"bits": [9]}, "allowed on every searched layer"),
     ({"bits": []}, "at least one"),
     ({"bits": 4}, "expected a list"),
     ({"w_bits": [8]}, "together"),
@@ -151,6 +170,21 @@ def test_uniform_save_restore_is_atomic_and_keeps_position(tmp_path):
     assert restored.suggest("d") == Searcher.FINISHED
     with pytest.raises(ValueError, match="expected a search over 2 layers"):
         make_searcher("uniform", _problem(layers=LAYERS[:2], table=_table(LAYERS[:2]))).restore(str(path))
+
+
+def test_checkpoints_carry_the_allowed_bits(tmp_path):
+    path = tmp_path / "uniform.json"
+    make_searcher("uniform", _problem()).save(str(path))
+    sets = _problem(allowed=AllowedBits.build(len(LAYERS), w_bits=[4, 8], fix_first_last=True))
+    with pytest.raises(ValueError, match=r"expected a search over 3 layers with bits w 8 a 8 \(layers 0, 2\)"):
+        make_searcher("uniform", sets).restore(str(path))
+    # A checkpoint written before bit sets existed meant [min_bits, max_bits] everywhere.
+    state = json.loads(path.read_text())
+    del state["space"]["allowed"]
+    path.write_text(json.dumps(state))
+    make_searcher("uniform", _problem()).restore(str(path))
+    with pytest.raises(ValueError, match="expected a search over 3 layers"):
+        make_searcher("uniform", sets).restore(str(path))
 
 
 # ---- sensitivity-dp ----------------------------------------------------------------------
@@ -202,7 +236,7 @@ def test_sensitivity_dp_finds_the_exact_optimum_with_the_documented_oracle_calls
     searcher = make_searcher("sensitivity-dp", problem, top_k=3)
     assert oracle.calls == 0  # measured lazily
     first = _policy(problem, searcher.suggest("t0"))
-    assert oracle.calls == num_oracle_calls(len(LAYERS), lo, hi) == 1 + 2 * 3 * 3
+    assert oracle.calls == num_oracle_calls(problem) == 1 + 2 * 3 * 3
     assert searcher.sensitivity_source == "oracle"
     _, best_drop = _brute_force_optimum(problem, oracle)
     assert oracle.drop(first) == pytest.approx(best_drop, abs=1e-12)
@@ -217,6 +251,28 @@ def test_sensitivity_dp_finds_the_exact_optimum_with_the_documented_oracle_calls
         assert policy_cost(problem.table, pol, metric) <= limit
         assert oracle.drop(pol) >= best_drop - 1e-12
     assert oracle.calls == 1 + 2 * 3 * 3  # never measured again
+
+
+def test_sensitivity_dp_with_bit_sets_measures_less_and_stays_exact():
+    allowed = AllowedBits.build(len(LAYERS), w_bits=[2, 4, 8], a_bits=[3, 8], fix_first_last=True)
+    oracle = SeparableOracle(len(LAYERS), 8)
+    problem = _problem(allowed=allowed, budget=Budget("latency_ms", 0.7, relative=True),
+                       accuracy_oracle=oracle)
+    searcher = make_searcher("sensitivity-dp", problem, top_k=3)
+    first = _policy(problem, searcher.suggest("t0"))
+    # Only the middle layer has a choice: w in {2, 4}, a in {3} below 8, plus the reference.
+    assert oracle.calls == num_oracle_calls(problem) == 1 + 2 + 1
+    limit = problem.budget.limit_for(problem.table)
+    feasible = [np.array(p).reshape(-1, 2) for p in itertools.product(
+        *[ws for w, a in zip(allowed.w, allowed.a, strict=True) for ws in (w, a)])]
+    feasible = [p for p in feasible if policy_cost(problem.table, p, "latency_ms") <= limit]
+    best = min(oracle.drop(p) for p in feasible)
+    assert oracle.drop(first) == pytest.approx(best, abs=1e-12)
+    proposals = [first] + [_policy(problem, c) for c in (searcher.suggest(f"t{i}") for i in range(1, 10))
+                           if c != Searcher.FINISHED]
+    # Distinct allowed policies inside the budget (dominated ones pruned), then FINISHED.
+    assert len({p.tobytes() for p in proposals}) == len(proposals) < 10
+    assert {p.tobytes() for p in proposals} <= {p.astype(np.int64).tobytes() for p in feasible}
 
 
 def test_sensitivity_dp_restores_its_measurements(tmp_path):

@@ -4,7 +4,7 @@ import pytest
 
 from orchestrator.config import SearchConfig, TrainConfig
 from orchestrator.errors import HaqtuneError
-from search_spaces import Budget
+from search_spaces import AllowedBits, Budget
 
 
 def test_demo_yaml_equals_embedded_defaults():
@@ -39,6 +39,14 @@ def test_roundtrip_through_yaml(tmp_path):
     ("budget: speed=2", "budget"),
     ("finetune: {epochs: -1}", "finetune.epochs"),
     ("finetune: {foo: 1}", "finetune: unknown setting"),
+    ("bits: {w: [2, 9]}", r"bits.w: expected bit widths in \[1, 8\], got 9"),
+    ("bits: {a: []}", "bits.a: expected at least one bit width"),
+    ("bits: {w: 4}", "bits.w: expected a list of bit widths"),
+    ("bits: {weights: [4]}", "bits: expected a mapping with keys w and/or a"),
+    ("bits: [4, 8]", "bits: expected a mapping with keys w and/or a"),
+    ("bits: {}", "bits: expected a mapping with keys w and/or a"),
+    ("min_bits: 4\nbits: {w: [2, 4]}", r"bits.w: expected bit widths in \[4, 8\], got 2"),
+    ("fix_first_last: maybe", "fix_first_last: expected true or false"),
 ])
 def test_bad_config_files(tmp_path, content, message):
     path = tmp_path / "bad.yaml"
@@ -50,3 +58,34 @@ def test_bad_config_files(tmp_path, content, message):
 def test_missing_config_file(tmp_path):
     with pytest.raises(HaqtuneError, match="not found"):
         SearchConfig.from_yaml(tmp_path / "missing.yaml")
+
+
+def test_bit_sets_and_fix_first_last(tmp_path):
+    cfg = SearchConfig(bits={"w": [8, 4, 4], "a": [8]}, fix_first_last=True)
+    assert cfg.bits == {"w": [4, 8], "a": [8]}  # sorted, duplicates dropped
+    cfg.write_yaml(tmp_path / "c.yaml")
+    assert SearchConfig.from_yaml(tmp_path / "c.yaml") == cfg
+    allowed = cfg.allowed_bits(4)
+    assert allowed.w == ((8,), (4, 8), (4, 8), (8,)) and allowed.a == ((8,),) * 4
+    # Unset, fix_first_last follows the searcher: true for haq (HAQ's convention) only.
+    assert SearchConfig(searcher="haq").fixes_first_last
+    assert not SearchConfig(searcher="tpe").fixes_first_last
+    assert SearchConfig(searcher="tpe").replace(searcher="haq").fixes_first_last  # resolved late
+    assert not SearchConfig(searcher="haq", fix_first_last=False).fixes_first_last
+    assert SearchConfig(searcher="tpe", fix_first_last=True).fixes_first_last
+    assert SearchConfig().allowed_bits(3) == AllowedBits.full(3)
+
+
+def test_search_states_its_bits_and_the_hardwares_natural_set():
+    from orchestrator.search import _echo_bits, prepare
+
+    lines = []
+    prepared = prepare(SearchConfig(searcher="haq", hardware="bitfusion", budget=None))
+    _echo_bits(prepared, lines.append)
+    assert lines[0] == ("haqtune: bits w 8 a 8 (layers 0, 11); w 1-8 a 1-8 (layers 1-10) "
+                        "(first and last layers fixed: fix_first_last)")
+    assert "natural bits 2, 4, 8" in lines[1] and "bits: {w: [2, 4, 8], a: [2, 4, 8]}" in lines[1]
+    lines.clear()  # already on the natural set: no note
+    _echo_bits(prepare(SearchConfig(hardware="bitfusion", budget=None,
+                                    bits={"w": [2, 4, 8], "a": [8]})), lines.append)
+    assert lines == ["haqtune: bits w 2,4,8 a 8"]

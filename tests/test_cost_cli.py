@@ -32,6 +32,12 @@ def test_hardware_lists_models_with_descriptions():
     names = [line.split()[0] for line in result.stdout.splitlines()]
     assert {"bismo-edge", "bismo-cloud", "bitfusion", "table"} <= set(names)
     assert all(len(line.split(maxsplit=1)) == 2 for line in result.stdout.splitlines())
+    # BitFusion's natural bit widths, and the search setting that uses them, under its line.
+    lines = result.stdout.splitlines()
+    note = lines[names.index("bitfusion") + 1]
+    assert note.split()[:4] == ["natural", "bits", "2,", "4,"]
+    assert "bits: {w: [2, 4, 8], a: [2, 4, 8]}" in note
+    assert lines[names.index("bismo-edge") + 1].split()[0] == "bismo-cloud"  # no note for BISMO
 
 
 def test_cost_demo_text():

@@ -77,6 +77,8 @@ def test_failed_trials_do_not_kill_the_search(tmp_path):
     (["search", "--searcher", "nope"], None, "unknown searcher 'nope'"),
     (["search", "--max-bits", "9"], None, "max_bits <= 8"),
     (["search", "--min-bits", "0"], None, "1 <= min_bits"),
+    (["search", "bad.yaml"], "bits: {w: [2, 9], a: [8]}", "bits.w: expected bit widths in [1, 8], got 9"),
+    (["search", "bad.yaml"], "bits: {w: [4], a: []}", "bits.a: expected at least one bit width"),
     (["search", "--budget", "size_mb=0.000001"], None, "infeasible"),
     (["search", "--num-trials", "0"], None, "num_trials: expected an integer >= 1"),
     (["search", "--hardware", "tpu"], None, "unknown hardware 'tpu'"),

@@ -7,7 +7,14 @@ import pickle
 import numpy as np
 import pytest
 import torch
-from test_searcher_contract import LAYERS, MAX_BITS, MIN_BITS, fake_result, make_problem
+from test_searcher_contract import (
+    LAYERS,
+    MAX_BITS,
+    MIN_BITS,
+    bit_set_problem,
+    fake_result,
+    make_problem,
+)
 
 from orchestrator.searchers import SearchProblem, make_searcher
 from orchestrator.searchers.haq import (
@@ -17,9 +24,11 @@ from orchestrator.searchers.haq import (
     bits_to_action,
     episode_states,
     layer_features,
+    range_mask,
+    step_mask,
     truncated_normal,
 )
-from search_spaces import Budget, format_policy, policy_cost, policy_from_config
+from search_spaces import AllowedBits, Budget, format_policy, policy_cost, policy_from_config
 from search_spaces import metrics as M
 
 L = len(LAYERS)
@@ -73,16 +82,34 @@ def test_episode_states_carry_the_w_a_flag_and_previous_action():
 @pytest.mark.parametrize(("lo", "hi"), [(1, 8), (2, 6), (4, 4)])
 def test_action_to_bits_uses_equal_bins(lo, hi):
     actions = np.linspace(0, 1, 100_001)
-    bits = action_to_bits(actions, lo, hi)
+    bits = action_to_bits(actions, range_mask(lo, hi))
     assert bits.min() == lo and bits.max() == hi
-    assert action_to_bits([0.0], lo, hi)[0] == lo and action_to_bits([1.0], lo, hi)[0] == hi
+    assert action_to_bits([0.0], range_mask(lo, hi))[0] == lo and action_to_bits([1.0], range_mask(lo, hi))[0] == hi
     counts = np.bincount(bits - lo)
     assert counts.max() - counts.min() <= 2  # each bitwidth gets 1 / (hi - lo + 1) of [0, 1]
     every = np.arange(lo, hi + 1)
-    np.testing.assert_array_equal(action_to_bits(bits_to_action(every, lo, hi), lo, hi), every)
+    np.testing.assert_array_equal(action_to_bits(bits_to_action(every, range_mask(lo, hi)), range_mask(lo, hi)), every)
     # HAQ's formula, literally.
     a = 0.37
-    assert action_to_bits([a], lo, hi)[0] == min(max(round(a * (hi - lo + 1) + lo - 0.5), lo), hi)
+    assert action_to_bits([a], range_mask(lo, hi))[0] == min(max(round(a * (hi - lo + 1) + lo - 0.5), lo), hi)
+
+
+def test_action_to_bits_maps_onto_each_steps_allowed_widths():
+    allowed = AllowedBits.build(2, w_bits=[2, 4, 8], a_bits=[3, 6], fix_first_last=False)
+    mask = step_mask(allowed)  # steps w_0, a_0, w_1, a_1
+    actions = np.linspace(0, 1, 30_001)
+    for step, widths in enumerate([(2, 4, 8), (3, 6)] * 2):
+        bits = action_to_bits(actions, mask[step])
+        assert set(bits.tolist()) == set(widths)
+        counts = np.array([(bits == b).sum() for b in widths])
+        assert counts.max() - counts.min() <= 2  # equal bins: each width gets 1/n of [0, 1]
+        centres = bits_to_action(np.array(widths), mask[step])
+        np.testing.assert_allclose(centres, (np.arange(len(widths)) + 0.5) / len(widths))
+        np.testing.assert_array_equal(action_to_bits(centres, mask[step]), widths)
+    # Per-step masks broadcast: one call maps a whole episode.
+    assert action_to_bits([0.0, 0.99, 0.5, 0.49], mask).tolist() == [2, 6, 4, 3]
+    fixed = step_mask(AllowedBits.build(3, fix_first_last=True))
+    assert action_to_bits(np.zeros(6), fixed).tolist() == [8, 8, 1, 1, 8, 8]  # fixed: any action
 
 
 def test_truncated_normal_stays_in_range_and_centres_on_mu():
@@ -169,13 +196,16 @@ def test_restore_rejects_another_network(tmp_path):
         HAQSearcher(other).restore(path)
 
 
-def test_fast_rollout_follows_the_actor():
-    """With (almost) no noise the rollout's actions are the actor's outputs on its own states."""
-    s = haq(warmup=0, init_noise=1e-9, **SMALL)
+@pytest.mark.parametrize("bit_sets", [False, True])
+def test_fast_rollout_follows_the_actor(bit_sets):
+    """With (almost) no noise the rollout's actions are the actor's outputs on its own states
+    (whose previous action is the allowed width the rollout mapped the last action to)."""
+    problem = bit_set_problem("w2,5,7-a3,6") if bit_sets else make_problem()
+    s = make_searcher("haq", problem, warmup=0, init_noise=1e-9, **SMALL)
     drive(s, ["t0", "t1"])  # trained a little: not the initial weights
     actions = s._rollout(5)
-    bits = action_to_bits(actions, MIN_BITS, MAX_BITS)
-    states = episode_states(s.features, bits, MAX_BITS)
+    bits = action_to_bits(actions, step_mask(problem.allowed))
+    states = episode_states(s.features, bits, problem.max_bits)
     with torch.no_grad():
         expected = s.actor(torch.from_numpy(states)).squeeze(1).numpy()
     np.testing.assert_allclose(actions, expected, atol=1e-5)
@@ -202,10 +232,10 @@ def test_learns_from_the_evaluated_policy():
     drawn = s._pending["t0"].actions.copy()
     s.on_trial_complete("t0", result)
     n = 2 * L
-    stored_bits = action_to_bits(s.replay.actions[:n, 0], MIN_BITS, MAX_BITS)
+    stored_bits = action_to_bits(s.replay.actions[:n, 0], range_mask(MIN_BITS, MAX_BITS))
     np.testing.assert_array_equal(stored_bits, evaluated.reshape(-1))
     # Where the drawn bits survived, the drawn action is kept as drawn.
-    kept = action_to_bits(drawn, MIN_BITS, MAX_BITS) == evaluated.reshape(-1)
+    kept = action_to_bits(drawn, range_mask(MIN_BITS, MAX_BITS)) == evaluated.reshape(-1)
     np.testing.assert_allclose(s.replay.actions[:n, 0][kept], drawn[kept], rtol=1e-6)
     np.testing.assert_allclose(s.replay.states[1:n, 9], evaluated.reshape(-1)[:-1] / MAX_BITS)
     assert s.replay.not_done[:n, 0].tolist() == [1.0] * (n - 1) + [0.0]
@@ -215,7 +245,7 @@ def test_learns_from_the_evaluated_policy():
     result = fake_result(s.problem, config)
     del result[M.POLICY]
     s.on_trial_complete("t1", result)
-    stored_bits = action_to_bits(s.replay.actions[n:2 * n, 0], MIN_BITS, MAX_BITS)
+    stored_bits = action_to_bits(s.replay.actions[n:2 * n, 0], range_mask(MIN_BITS, MAX_BITS))
     np.testing.assert_array_equal(stored_bits, policy_from_config(config, L).reshape(-1))
 
 

@@ -277,6 +277,23 @@ def test_bitfusion_fuses_in_powers_of_two():
     assert lat[2, 2] == lat[3, 3] and lat[4, 4] == lat[7, 7] and lat[0, 0] == lat[1, 1]
 
 
+def test_natural_bits_are_the_widths_compute_tells_apart():
+    from hardware import cost_model_natural_bits
+
+    model = get_cost_model("bitfusion")
+    assert model.natural_bits == cost_model_natural_bits("bitfusion") == (2, 4, 8)
+    assert get_cost_model("bismo-edge").natural_bits is None  # bit-serial: every bit counts
+    assert cost_model_natural_bits("bismo-cloud") is None and cost_model_natural_bits("table") is None
+    # On a compute-bound layer every width costs what the next natural width costs, and
+    # natural widths differ from each other.
+    lat = model.table([conv(256, 256, 3, 14)]).latency_s[0]
+    natural = model.natural_bits
+    for b in range(1, 9):
+        up = min(n for n in natural if n >= b)
+        assert lat[b - 1, 7] == lat[up - 1, 7] and lat[7, b - 1] == lat[7, up - 1]
+    assert len({lat[n - 1, n - 1] for n in natural}) == len(natural)
+
+
 def test_energy_per_mac_grows_with_bits():
     for name in ("bismo-edge", "bismo-cloud", "bitfusion"):
         energy = get_cost_model(name).table([conv(256, 256, 3, 14)]).energy_j[0]

@@ -1,8 +1,9 @@
 """The searcher contract, run against every registered searcher.
 
 A new searcher module that registers itself is covered automatically. Each
-suggestion is a valid config (every ``w_i``/``a_i`` key, ints in [min_bits,
-max_bits]), ``None`` or ``Searcher.FINISHED``; failed or empty completions and
+suggestion is a valid config (every ``w_i``/``a_i`` key, ints among the layer's
+allowed widths ``problem.allowed``: [min_bits, max_bits], or a search's bit sets
+with fixed first/last layers), ``None`` or ``Searcher.FINISHED``; failed or empty completions and
 unknown trial ids never crash; several trials can be in flight; save -> restore
 into a fresh searcher continues (with the same next suggestion for a searcher that
 is deterministic for a fixed seed).
@@ -18,7 +19,7 @@ from ray.tune.search import Searcher
 
 from hardware import BITS, CostTable, LayerSpec
 from orchestrator.searchers import SearchProblem, list_searchers, make_searcher
-from search_spaces import Budget, format_policy, policy_from_config
+from search_spaces import AllowedBits, Budget, format_policy, policy_cost, policy_from_config
 from search_spaces import metrics as M
 
 MIN_BITS, MAX_BITS = 2, 7  # not the full range: a searcher must respect the bounds
@@ -76,7 +77,9 @@ def check_suggestion(problem: SearchProblem, suggestion) -> bool:
     assert set(suggestion) == set(problem.keys)
     for key, value in suggestion.items():
         assert isinstance(value, int | np.integer) and not isinstance(value, bool), (key, value)
-        assert MIN_BITS <= value <= MAX_BITS, (key, value)
+        assert problem.min_bits <= value <= problem.max_bits, (key, value)
+    policy = policy_from_config(suggestion, problem.num_layers)
+    assert problem.allowed.contains(policy), (format_policy(policy), problem.allowed.describe())
     return True
 
 
@@ -176,6 +179,45 @@ def test_save_restore_continues(name, tmp_path):
         assert any(check_suggestion(problem, c) for c in restored_next)
     if _is_deterministic(name):
         assert restored_next == original_next
+
+
+# Bit sets a target supports (issue 16) and HAQ's fixed first/last layers (issue 14): the
+# acceptance case {w: [4, 8], a: [8]}, and a set that is neither a range nor evenly spaced.
+# Budgets are binding but feasible for the synthetic table.
+BIT_SET_CASES = {
+    "w4,8-a8-fixed": (dict(w_bits=[4, 8], a_bits=[8], fix_first_last=True), 0.85),
+    "w2,5,7-a3,6": (dict(w_bits=[2, 5, 7], a_bits=[3, 6]), 0.5),
+}
+
+
+def bit_set_problem(case: str, seed: int = 0) -> SearchProblem:
+    options, budget = BIT_SET_CASES[case]
+    return SearchProblem(
+        layers=LAYERS, table=synthetic_table(LAYERS), budget=Budget("latency_ms", budget, relative=True),
+        allowed=AllowedBits.build(len(LAYERS), **options), seed=seed, num_trials=12,
+    )
+
+
+@pytest.mark.parametrize("case", sorted(BIT_SET_CASES))
+def test_bit_sets_are_honored(name, case, tmp_path):
+    """Every suggestion, and every policy a trial evaluates, uses only allowed widths;
+    fixed layers stay at 8/8; this survives save/restore (the space is part of the state)."""
+    problem = bit_set_problem(case)
+    searcher = make_searcher(name, problem)
+    configs = run_trials(searcher, problem, [f"t{i}" for i in range(6)])
+    searcher.save(str(tmp_path / "searcher.ckpt"))
+    restored = make_searcher(name, bit_set_problem(case))
+    restored.restore(str(tmp_path / "searcher.ckpt"))
+    configs += run_trials(restored, problem, [f"r{i}" for i in range(4)])
+    suggested = [policy_from_config(c, problem.num_layers) for c in configs if check_suggestion(problem, c)]
+    assert suggested
+    limit = problem.budget.limit_for(problem.table)
+    for policy in suggested:
+        evaluated = problem.project(policy)  # what the trial runs
+        assert problem.allowed.contains(evaluated)
+        assert policy_cost(problem.table, evaluated, "latency_ms") <= limit
+        if BIT_SET_CASES[case][0].get("fix_first_last"):
+            assert evaluated[0].tolist() == evaluated[-1].tolist() == [8, 8]
 
 
 def test_set_search_properties_accepts_the_objective(name):

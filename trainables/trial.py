@@ -54,7 +54,7 @@ import numpy as np
 import torch
 
 from hardware import CostTable
-from search_spaces import Budget, format_policy, policy_from_config, project
+from search_spaces import AllowedBits, Budget, format_policy, policy_from_config, project
 from search_spaces import metrics as M
 
 from .data import DataSplits, load_dataset
@@ -98,8 +98,12 @@ class TrialContext:
     data_root: str = "./data"
     gpus_per_trial: float = 0.0
     extra: dict = field(default_factory=dict)
+    allowed: AllowedBits | None = None  # per-layer widths (bit sets, fixed layers); None = [min_bits, max_bits]
 
     def project(self, policy) -> np.ndarray:
+        """The policy the trial evaluates: the search's allowed widths, inside the budget."""
+        if self.allowed is not None:
+            return project(policy, self.table, self.budget, allowed=self.allowed)
         return project(policy, self.table, self.budget, min_bits=self.min_bits, max_bits=self.max_bits)
 
 

@@ -8,13 +8,19 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from hardware import MAX_BITS, MIN_BITS, CostTable, LayerSpec
-from search_spaces import Budget, check_bit_range, policy_keys, project
+from search_spaces import AllowedBits, Budget, check_bit_range, policy_keys, project
 from search_spaces import metrics as M
 
 
 @dataclass(frozen=True)
 class SearchProblem:
-    """The search as a searcher sees it: layers, cost table, budget, bounds, objective.
+    """The search as a searcher sees it: layers, cost table, budget, allowed bits, objective.
+
+    ``allowed`` is each layer's set of weight and activation widths (``AllowedBits``:
+    a target's bit sets, HAQ's fixed first/last layers); left out, it is every width
+    in [min_bits, max_bits] for every layer. Given, it must lie inside [min_bits,
+    max_bits], which stay the envelope of the space. Every searcher suggests only
+    allowed widths, and ``project`` enforces them.
 
     ``metric``/``mode`` are what the searcher optimizes (``val_acc``/``max`` by default);
     ``cost_metric`` is the hardware cost multi-objective searchers trade against.
@@ -39,6 +45,7 @@ class SearchProblem:
     max_concurrent: int = 1
     extra: dict = field(default_factory=dict)
     accuracy_oracle: Callable[[int | None, int, int], float] | None = None
+    allowed: AllowedBits | None = None
 
     def __post_init__(self) -> None:
         check_bit_range(self.min_bits, self.max_bits)
@@ -50,6 +57,15 @@ class SearchProblem:
             raise ValueError(
                 f"table: expected {len(self.layers)} layers, got {self.table.num_layers}"
             )
+        if self.allowed is None:
+            object.__setattr__(self, "allowed", AllowedBits.full(len(self.layers), self.min_bits, self.max_bits))
+        elif self.allowed.num_layers != len(self.layers):
+            raise ValueError(f"allowed: expected {len(self.layers)} layers, got {self.allowed.num_layers}")
+        elif self.allowed.lowest.min() < self.min_bits or self.allowed.highest.max() > self.max_bits:
+            raise ValueError(
+                f"allowed: expected widths in [{self.min_bits}, {self.max_bits}], "
+                f"got {self.allowed.describe()}"
+            )
 
     @property
     def num_layers(self) -> int:
@@ -60,11 +76,10 @@ class SearchProblem:
         return policy_keys(self.num_layers)
 
     def project(self, policy) -> np.ndarray:
-        """Clip to [min_bits, max_bits] and enforce the budget (if a table is known)."""
+        """Snap to the allowed widths and enforce the budget (if a table is known)."""
         if self.table is None:
-            return np.clip(np.asarray(policy, dtype=np.int64), self.min_bits, self.max_bits)
-        return project(policy, self.table, self.budget,
-                       min_bits=self.min_bits, max_bits=self.max_bits)
+            return self.allowed.snap(policy)
+        return project(policy, self.table, self.budget, allowed=self.allowed)
 
 
 class SearchPropertiesMixin:

@@ -2,27 +2,59 @@
 
 The sampler sees the bits it suggested; the trial projects them to the budget and
 reports the accuracy of the projected policy, exactly as for every other searcher.
+
+Encoding: each ``w_i``/``a_i`` is an integer index into that layer's allowed widths
+(ascending), which the searcher turns into bits before Tune sees the config. Every
+sampler handles integers (CMA-ES and QMC do not handle categorical parameters), the
+order of the widths is kept (index 1 of {2, 4, 8} lies between 2 and 8), and only
+allowed widths can come out. A layer with one allowed width (a fixed layer) is a
+single-valued distribution, which Optuna does not sample.
 """
 
 from __future__ import annotations
 
 from ray.tune.search.optuna import OptunaSearch
 
+from search_spaces import a_key, w_key
+
 from ._base import SearchProblem
 from ._registry import register_searcher
 
 
+def allowed_widths(problem: SearchProblem) -> dict[str, tuple[int, ...]]:
+    """Each config key's allowed widths, ascending (the index encoding's lookup)."""
+    allowed = problem.allowed
+    return {key: widths for i in range(problem.num_layers)
+            for key, widths in ((w_key(i), allowed.w[i]), (a_key(i), allowed.a[i]))}
+
+
 def optuna_space(problem: SearchProblem) -> dict:
+    """``w_i``/``a_i`` -> ``IntDistribution`` over the indices of the allowed widths."""
     from optuna.distributions import IntDistribution
 
-    return {k: IntDistribution(problem.min_bits, problem.max_bits) for k in problem.keys}
+    return {k: IntDistribution(0, len(widths) - 1) for k, widths in allowed_widths(problem).items()}
 
 
 class HaqtuneOptunaSearch(OptunaSearch):
     """``OptunaSearch`` that keeps the searcher contract where Ray's does not: trial ids
     it never suggested are ignored (Ray's raises ``KeyError``), and a multi-objective
     result missing one of the metrics counts as "no result" (Ray's would hand Optuna a
-    ``None`` objective, which Optuna rejects). Module level, so Tune can pickle it."""
+    ``None`` objective, which Optuna rejects). Module level, so Tune can pickle it.
+
+    ``widths`` maps each key to its allowed widths: Optuna samples indices (see the
+    module docstring) and ``suggest`` returns bits. It is saved with the searcher."""
+
+    def __init__(self, *args, widths: dict[str, tuple[int, ...]], **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._widths = widths
+
+    def suggest(self, trial_id: str):
+        config = super().suggest(trial_id)
+        # A searcher pickled before the index encoding has no ``_widths``: its study samples bits.
+        widths = getattr(self, "_widths", None)
+        if not isinstance(config, dict) or widths is None:
+            return config  # None or FINISHED
+        return {k: widths[k][int(v)] if k in widths else v for k, v in config.items()}
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
         if trial_id in self._ot_trials:
@@ -40,6 +72,7 @@ def optuna_searcher(problem: SearchProblem, sampler, *, metric=None, mode=None, 
     """``OptunaSearch`` over the problem's space with ``sampler`` (already seeded)."""
     return HaqtuneOptunaSearch(
         space=optuna_space(problem),
+        widths=allowed_widths(problem),
         metric=problem.metric if metric is None else metric,
         mode=problem.mode if mode is None else mode,
         sampler=sampler,

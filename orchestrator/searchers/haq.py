@@ -13,8 +13,12 @@ How a search maps onto HAQ (reference: mit-han-lab/haq, ``rl_quantize.py``,
   normalized over the network's layers; a constant column becomes 0), the W/A flag
   (1 = weight step) and the previous action as bits / max_bits (1.0 at the first
   step). Linear layers have stride 0 and kernel 1, as in HAQ.
-- **Action** a in [0, 1] -> bits = round(a * (max - min + 1) + min - 0.5), clipped
-  to [min_bits, max_bits] (equal-width bins, one per bitwidth).
+- **Action** a in [0, 1] -> the k-th of the step's n allowed widths (ascending), k =
+  min(floor(a * n), n - 1): equal-width bins, one per allowed width. For the range
+  [min_bits, max_bits] this is HAQ's round(a * (max - min + 1) + min - 0.5), clipped
+  (up to the rounding of exact bin edges);
+  for a bit set such as {2, 4, 8} each width gets a third of [0, 1]; a fixed layer
+  (``fix_first_last``) has one width, whatever the action.
 - **Exploration.** The first ``warmup`` episodes draw uniform random actions. After
   them, the actor's action plus truncated-normal noise on [0, 1] with
   sigma = init_noise * noise_decay ** (episode - warmup).
@@ -83,12 +87,13 @@ import torch
 from ray.tune.search import Searcher
 from torch import nn
 
-from hardware import LayerSpec
-from search_spaces import config_from_policy, parse_policy
+from hardware import BITS, MAX_BITS, MIN_BITS, NUM_BITS, LayerSpec
+from search_spaces import AllowedBits, config_from_policy, parse_policy
 from search_spaces import metrics as M
 
 from ._base import SearchProblem, SearchPropertiesMixin
 from ._registry import register_searcher
+from .uniform import check_space
 
 NUM_FEATURES = 10
 STATE_FEATURES = (
@@ -155,17 +160,36 @@ def episode_states(features: np.ndarray, bits_seq, max_bits: int) -> np.ndarray:
     return states
 
 
-def action_to_bits(actions, min_bits: int, max_bits: int) -> np.ndarray:
-    """HAQ's mapping: bits = round(a * (max - min + 1) + min - 0.5), clipped to the range."""
+def step_mask(allowed: AllowedBits) -> np.ndarray:
+    """``[2L, 8]`` bool: the allowed widths of each step (w_0, a_0, w_1, ...)."""
+    return allowed.mask.reshape(-1, NUM_BITS)
+
+
+def range_mask(min_bits: int, max_bits: int) -> np.ndarray:
+    """``[8]`` bool: every width in [min_bits, max_bits] (one step's mask for a range)."""
+    return (min_bits <= BITS) & (max_bits >= BITS)
+
+
+def action_to_bits(actions, mask) -> np.ndarray:
+    """HAQ's mapping onto allowed widths: equal-width bins of [0, 1], one per allowed width.
+
+    ``mask``: ``[..., 8]`` bool allowed widths per action (``step_mask``), or one ``[8]``
+    mask for all. The k-th allowed width (ascending) for k = min(floor(a * n), n - 1).
+    """
     a = np.asarray(actions, dtype=np.float64)
-    bits = np.round(a * (max_bits - min_bits + 1) + min_bits - 0.5)
-    return np.clip(bits, min_bits, max_bits).astype(np.int64)
+    mask = np.broadcast_to(np.asarray(mask, dtype=bool), a.shape + (NUM_BITS,))
+    counts = mask.sum(axis=-1)
+    k = np.minimum(np.floor(a * counts), counts - 1)
+    # The k-th allowed width is the first whose running count of allowed widths exceeds k.
+    return (np.cumsum(mask, axis=-1) <= k[..., None]).sum(axis=-1) + MIN_BITS
 
 
-def bits_to_action(bits, min_bits: int, max_bits: int) -> np.ndarray:
-    """The centre of each bitwidth's action bin (inverse of ``action_to_bits``)."""
-    b = np.clip(np.asarray(bits, dtype=np.float64), min_bits, max_bits)
-    return (b - min_bits + 0.5) / (max_bits - min_bits + 1)
+def bits_to_action(bits, mask) -> np.ndarray:
+    """The centre of each allowed width's action bin (inverse of ``action_to_bits``)."""
+    b = np.asarray(bits, dtype=np.int64)
+    mask = np.broadcast_to(np.asarray(mask, dtype=bool), b.shape + (NUM_BITS,))
+    rank = np.take_along_axis(np.cumsum(mask, axis=-1), (b - MIN_BITS)[..., None], axis=-1)[..., 0]
+    return (rank - 0.5) / mask.sum(axis=-1)
 
 
 def truncated_normal(mu: float, sigma: float, u: float) -> float:
@@ -380,6 +404,8 @@ class HAQSearcher(SearchPropertiesMixin, Searcher):
             self.num_steps if config.updates_per_episode is None else config.updates_per_episode
         )
         self.features = layer_features(list(problem.layers))
+        self.allowed_mask = step_mask(problem.allowed)  # [2L, 8] allowed widths per step
+        self._widths = [np.flatnonzero(m).tolist() for m in self.allowed_mask]  # bits - MIN_BITS, per step
         # Static part of every step's state (all but the previous action).
         self._step_states = episode_states(self.features, np.ones(self.num_steps), 1)
 
@@ -412,7 +438,7 @@ class HAQSearcher(SearchPropertiesMixin, Searcher):
         index = self.episodes_suggested
         self.episodes_suggested += 1
         actions = self._rollout(index)
-        bits = action_to_bits(actions, self.problem.min_bits, self.problem.max_bits)
+        bits = action_to_bits(actions, self.allowed_mask)
         policy = self.problem.project(bits.reshape(-1, 2))
         self._pending[trial_id] = _Episode(index, actions, policy)
         return config_from_policy(policy)
@@ -472,13 +498,13 @@ class HAQSearcher(SearchPropertiesMixin, Searcher):
         sigma = self.noise_sigma(episode)
         uniforms = self._rng.random(self.num_steps).tolist()
         h1, w2_bias, w3, b3 = self._actor_arrays()
-        lo, hi = self.problem.min_bits, self.problem.max_bits
-        width = hi - lo + 1
+        lo = self.problem.min_bits
+        widths = self._widths
         h2 = np.empty(w2_bias.shape[1], dtype=np.float32)
         zero = np.float32(0.0)
         matmul, maximum, dot, exp = np.matmul, np.maximum, w3.dot, math.exp
         actions = [0.0] * self.num_steps
-        prev = hi - lo  # index of the previous bits: the first state has prev = 1.0
+        prev = self.problem.max_bits - lo  # index of the previous bits: the first state has prev = 1.0
         # Sequential (each state holds the previous step's bits): one numpy matvec per
         # step on preallocated buffers, ~5x cheaper than a torch forward at batch size 1.
         # A batched speculative variant (guess every step's previous bits, then repair)
@@ -490,7 +516,8 @@ class HAQSearcher(SearchPropertiesMixin, Searcher):
             mu = 1.0 / (1.0 + exp(-z)) if z > -700.0 else 0.0
             action = truncated_normal(mu, sigma, uniforms[t])
             actions[t] = action
-            prev = min(max(round(action * width + lo - 0.5), lo), hi) - lo  # as action_to_bits
+            choices = widths[t]  # as action_to_bits: the k-th allowed width
+            prev = choices[min(int(action * len(choices)), len(choices) - 1)] + MIN_BITS - lo
         return np.array(actions)
 
     # -- learning ------------------------------------------------------------------------
@@ -515,11 +542,10 @@ class HAQSearcher(SearchPropertiesMixin, Searcher):
         return episode.policy
 
     def _store(self, episode: _Episode, policy: np.ndarray, reward: float) -> None:
-        lo, hi = self.problem.min_bits, self.problem.max_bits
-        bits_seq = np.clip(np.asarray(policy, dtype=np.int64).reshape(-1), lo, hi)
-        drawn_bits = action_to_bits(episode.actions, lo, hi)
-        actions = np.where(drawn_bits == bits_seq, episode.actions, bits_to_action(bits_seq, lo, hi))
-        states = episode_states(self.features, bits_seq, hi)
+        bits_seq = self.problem.allowed.snap(np.clip(policy, MIN_BITS, MAX_BITS)).reshape(-1)
+        drawn_bits = action_to_bits(episode.actions, self.allowed_mask)
+        actions = np.where(drawn_bits == bits_seq, episode.actions, bits_to_action(bits_seq, self.allowed_mask))
+        states = episode_states(self.features, bits_seq, self.problem.max_bits)
         next_states = np.concatenate([states[1:], states[-1:]])  # last: terminal, unused
         not_done = np.ones(self.num_steps, dtype=np.float32)
         not_done[-1] = 0.0
@@ -576,6 +602,7 @@ class HAQSearcher(SearchPropertiesMixin, Searcher):
                 "keys": self.problem.keys,
                 "min_bits": self.problem.min_bits,
                 "max_bits": self.problem.max_bits,
+                "allowed": self.problem.allowed.to_state(),
             },
             "features": torch.from_numpy(self.features.copy()),
             "warmup": self.warmup,
@@ -624,14 +651,8 @@ class HAQSearcher(SearchPropertiesMixin, Searcher):
                 f"haq checkpoint {checkpoint_path}: expected version {_CHECKPOINT_VERSION}, "
                 f"got {state.get('version')!r}"
             )
-        space = state["space"]
-        mine = (self.problem.keys, self.problem.min_bits, self.problem.max_bits)
-        if (list(space["keys"]), space["min_bits"], space["max_bits"]) != mine:
-            raise ValueError(
-                f"haq checkpoint {checkpoint_path}: expected a search over {self.problem.num_layers} "
-                f"layers with bits in [{self.problem.min_bits}, {self.problem.max_bits}], got "
-                f"{len(space['keys']) // 2} layers with bits in [{space['min_bits']}, {space['max_bits']}]"
-            )
+        check_space("haq", checkpoint_path, {**state["space"], "keys": list(state["space"]["keys"])},
+                    self.problem)
         if not np.allclose(state["features"].numpy(), layer_features(list(self.problem.layers))):
             raise ValueError(
                 f"haq checkpoint {checkpoint_path}: expected the same network, got different layer shapes"

@@ -9,13 +9,17 @@ and then proposes the policies an additive accuracy model says are best:
    precision, calibrated, no fine-tune; see ``trainables.sensitivity``):
 
    - the reference ``acc_ref = oracle(None, max, max)`` (nothing quantized): 1 call;
-   - weight drops ``dw[l, w] = acc_ref - oracle(l, w, max)`` for w in [min, max);
-   - activation drops ``da[l, a] = acc_ref - oracle(l, max, a)`` for a in [min, max);
-   - ``dw[l, max] = da[l, max] = 0`` (the max/max point is shared, not measured).
+   - weight drops ``dw[l, w] = acc_ref - oracle(l, w, max)`` for the layer's allowed
+     weight widths w < max;
+   - activation drops ``da[l, a] = acc_ref - oracle(l, max, a)`` likewise;
+   - ``dw[l, max] = da[l, max] = 0`` (the max/max point is shared, not measured), and a
+     layer with one allowed width (a fixed layer) is not measured: its drop is the same
+     in every policy, so it cannot change the choice.
 
-   That is exactly ``1 + 2 * L * (max_bits - min_bits)`` oracle calls (169 for the
-   12-layer demo at 1..8 bits, 743 for MobileNetV2's 53 layers), instead of the
-   ``L * 64`` a full per-layer (w, a) grid would cost. The measurements are part
+   With every width in [min, max] that is exactly ``1 + 2 * L * (max_bits - min_bits)``
+   oracle calls (169 for the 12-layer demo at 1..8 bits, 743 for MobileNetV2's 53
+   layers), instead of the ``L * 64`` a full per-layer (w, a) grid would cost; bit
+   sets and fixed layers cost less (``num_oracle_calls``). The measurements are part
    of the searcher's checkpoint, so a resumed search never repeats them.
 
 2. **Model.** Drops add up across layers and between a layer's weights and
@@ -25,8 +29,8 @@ and then proposes the policies an additive accuracy model says are best:
    noise of different layers interacts and fine-tuning recovers part of the drop.
 
 3. **Exact budgeted choice.** Maximizing ``-drop`` under the budget is a
-   multiple-choice knapsack over the (w, a) pairs in range (64 at 1..8 bits) per
-   layer, with each pair's cost from the search's ``CostTable`` for the budget's
+   multiple-choice knapsack over each layer's allowed (w, a) pairs (64 at 1..8 bits;
+   the others are forbidden options, ``-inf``), with each pair's cost from the search's ``CostTable`` for the budget's
    metric: ``search_spaces.solve_mckp`` (costs rounded up to ``resolution`` bins of
    the limit, so every solution is feasible; the optimum is found up to a
    ``L / resolution`` relative tightening of the budget). Before solving, options
@@ -74,7 +78,7 @@ import numpy as np
 from ray.tune.search import Searcher
 
 from hardware import MIN_BITS, NUM_BITS
-from search_spaces import config_from_policy, format_policy, parse_policy, solve_mckp
+from search_spaces import AllowedBits, config_from_policy, format_policy, parse_policy, solve_mckp
 
 from ..config import atomic_write_text
 from ._base import SearchProblem, SearchPropertiesMixin
@@ -88,24 +92,31 @@ DEFAULT_RESOLUTION = 10_000
 _LIMIT_SLACK = 1e-7
 
 
-def num_oracle_calls(num_layers: int, min_bits: int, max_bits: int) -> int:
-    """Oracle evaluations the sensitivity measurement costs: ``1 + 2 L (max - min)``."""
-    return 1 + 2 * num_layers * (max_bits - min_bits)
+def _measured(allowed: AllowedBits, max_bits: int) -> np.ndarray:
+    """``[L, 2, 8]`` bool: the (layer, w|a, bits) points the sensitivity measurement evaluates."""
+    has_choice = allowed.mask.sum(axis=2) > 1  # [L, 2]
+    return allowed.mask & has_choice[:, :, None] & (np.arange(MIN_BITS, MIN_BITS + NUM_BITS) < max_bits)
 
 
-def measure_sensitivity(oracle, num_layers: int, min_bits: int, max_bits: int):
+def num_oracle_calls(problem: SearchProblem) -> int:
+    """Oracle evaluations the sensitivity measurement costs: 1 + one per measured point
+    (``1 + 2 L (max - min)`` when every layer allows all of [min, max])."""
+    return 1 + int(_measured(problem.allowed, problem.max_bits).sum())
+
+
+def measure_sensitivity(oracle, allowed: AllowedBits, max_bits: int):
     """(acc_ref, dw [L, 8], da [L, 8]) from ``oracle``; column ``b - 1`` is b bits.
 
-    Columns outside [min_bits, max_bits) stay 0 (max bits: assumed lossless).
+    Only the points of ``_measured`` are evaluated; other columns stay 0 (max bits:
+    assumed lossless; widths a layer cannot use or cannot choose between: irrelevant).
     """
     acc_ref = float(oracle(None, max_bits, max_bits))
-    dw = np.zeros((num_layers, NUM_BITS))
-    da = np.zeros((num_layers, NUM_BITS))
-    for layer in range(num_layers):
-        for bits in range(min_bits, max_bits):
-            dw[layer, bits - MIN_BITS] = acc_ref - float(oracle(layer, bits, max_bits))
-            da[layer, bits - MIN_BITS] = acc_ref - float(oracle(layer, max_bits, bits))
-    return acc_ref, dw, da
+    drops = np.zeros((allowed.num_layers, 2, NUM_BITS))
+    for layer, col, index in zip(*np.nonzero(_measured(allowed, max_bits)), strict=True):
+        bits = int(index) + MIN_BITS
+        w_bits, a_bits = (bits, max_bits) if col == 0 else (max_bits, bits)
+        drops[layer, col, index] = acc_ref - float(oracle(int(layer), w_bits, a_bits))
+    return acc_ref, drops[:, 0], drops[:, 1]
 
 
 def proxy_sensitivity(problem: SearchProblem):
@@ -267,7 +278,7 @@ class SensitivityDPSearcher(SearchPropertiesMixin, Searcher):
             calls += 1
             return p.accuracy_oracle(layer, w_bits, a_bits)
 
-        self.acc_ref, self.drop_w, self.drop_a = measure_sensitivity(counted, p.num_layers, p.min_bits, p.max_bits)
+        self.acc_ref, self.drop_w, self.drop_a = measure_sensitivity(counted, p.allowed, p.max_bits)
         self.oracle_calls = calls
         self.sensitivity_source = "oracle"
 
@@ -281,9 +292,8 @@ class SensitivityDPSearcher(SearchPropertiesMixin, Searcher):
         """(values [L, 64], costs [L, 64], limit) of the budgeted choice, pruned."""
         p = self.problem
         values = -(self.drop_w[:, :, None] + self.drop_a[:, None, :]).reshape(p.num_layers, -1)
-        bits = np.arange(MIN_BITS, MIN_BITS + NUM_BITS)
-        in_range = (bits >= p.min_bits) & (bits <= p.max_bits)
-        values = np.where((in_range[:, None] & in_range[None, :]).reshape(1, -1), values, -np.inf)
+        mask = p.allowed.mask  # only each layer's allowed (w, a) pairs can be chosen
+        values = np.where((mask[:, 0, :, None] & mask[:, 1, None, :]).reshape(p.num_layers, -1), values, -np.inf)
         costs = pair_costs(p, self.cost_metric)
         if p.budget is not None and p.table is not None:
             limit = p.budget.limit_for(p.table) * (1 - _LIMIT_SLACK)
@@ -389,7 +399,7 @@ class SensitivityDPSearcher(SearchPropertiesMixin, Searcher):
 
 @register_searcher(
     "sensitivity-dp",
-    description="per-layer accuracy drop at each W and A bitwidth (1+2L(max-min) one-layer evals, "
+    description="per-layer accuracy drop at each allowed W and A bitwidth (1+2L(max-min) one-layer evals, "
     "no fine-tune), additive model, exact budgeted knapsack DP; proposes the top_k "
     "(default min(trials,10)) best, then next-best",
 )

@@ -2,11 +2,15 @@
 
 Suggests every uniform policy once, in order, then ``Searcher.FINISHED``:
 
-- default: ``k/k`` for k = max_bits down to min_bits (8/8, 7/7, ..., 1/1);
+- default: ``k/k`` for k = max_bits down to min_bits (8/8, 7/7, ..., 1/1); with bit
+  sets, for each allowed k (highest first) the largest allowed w <= k and a <= k,
+  e.g. ``w: [4, 8], a: [8]`` gives 8/8 and 4/8;
 - ``bits=[8, 6, 4]``: those k/k policies;
 - ``w_bits=[8, 4], a_bits=[8, 8]``: the pairs 8/8 and 4/8 (lists of equal length).
 
-Duplicates are suggested once. Each suggestion is the raw uniform policy; the trial
+Only widths allowed on every layer that has a choice can be used (``problem.allowed``);
+a fixed layer (e.g. ``fix_first_last``) keeps its own width in every policy, so
+"uniform 4-bit" means 4/4 on every searched layer. Duplicates are suggested once. Each suggestion is the raw uniform policy; the trial
 projects it to the budget like every searcher's, so under a tight budget the high
 k/k policies come back lowered (no longer uniform) and the largest k whose own
 cost fits is the honest "uniform k-bit under budget" baseline.
@@ -32,7 +36,7 @@ from pathlib import Path
 import numpy as np
 from ray.tune.search import Searcher
 
-from search_spaces import config_from_policy
+from search_spaces import AllowedBits, config_from_policy, format_widths
 
 from ..config import atomic_write_text
 from ._base import SearchProblem, SearchPropertiesMixin
@@ -43,34 +47,48 @@ _CHECKPOINT_VERSION = 1
 
 def space_state(problem: SearchProblem) -> dict:
     """What a checkpoint must match to be restored into a searcher for ``problem``."""
-    return {"keys": problem.keys, "min_bits": problem.min_bits, "max_bits": problem.max_bits}
+    return {"keys": problem.keys, "min_bits": problem.min_bits, "max_bits": problem.max_bits,
+            "allowed": problem.allowed.to_state()}
 
 
 def check_space(name: str, path, saved: dict, problem: SearchProblem) -> None:
     mine = space_state(problem)
+    saved = dict(saved)
+    if "allowed" not in saved and len(saved["keys"]) == 2 * problem.num_layers:
+        # Written before bit sets existed: every layer had [min_bits, max_bits].
+        saved["allowed"] = AllowedBits.full(problem.num_layers, saved["min_bits"], saved["max_bits"]).to_state()
     if saved != mine:
+        theirs = AllowedBits.from_state(saved["allowed"]).describe() if "allowed" in saved else (
+            f"{saved['min_bits']}-{saved['max_bits']}")
         raise ValueError(
             f"{name} checkpoint {path}: expected a search over {problem.num_layers} layers with "
-            f"bits in [{problem.min_bits}, {problem.max_bits}], got {len(saved['keys']) // 2} layers "
-            f"with bits in [{saved['min_bits']}, {saved['max_bits']}]"
+            f"bits {problem.allowed.describe()}, got {len(saved['keys']) // 2} layers "
+            f"with bits {theirs}"
         )
 
 
-def _bit_list(label: str, values, problem: SearchProblem) -> list[int]:
+def _bit_list(label: str, values, allowed: tuple[int, ...]) -> list[int]:
     if isinstance(values, str) or not isinstance(values, Sequence):
         raise ValueError(f"{label}: expected a list of bitwidths, got {values!r}")
     out = []
     for v in values:
         if isinstance(v, bool) or not isinstance(v, int | np.integer):
             raise ValueError(f"{label}: expected integer bitwidths, got {v!r}")
-        if not problem.min_bits <= v <= problem.max_bits:
+        if int(v) not in allowed:
             raise ValueError(
-                f"{label}: expected bits in [{problem.min_bits}, {problem.max_bits}], got {int(v)}"
+                f"{label}: expected bits allowed on every searched layer ({format_widths(allowed)}), "
+                f"got {int(v)}"
             )
         out.append(int(v))
     if not out:
         raise ValueError(f"{label}: expected at least one bitwidth, got an empty list")
     return out
+
+
+def _at_most(widths: tuple[int, ...], k: int) -> int:
+    """The largest of ``widths`` <= k, or the smallest if none is."""
+    below = [w for w in widths if w <= k]
+    return below[-1] if below else widths[0]
 
 
 def uniform_pairs(problem: SearchProblem, *, bits=None, w_bits=None, a_bits=None) -> list[tuple[int, int]]:
@@ -79,15 +97,23 @@ def uniform_pairs(problem: SearchProblem, *, bits=None, w_bits=None, a_bits=None
         raise ValueError("uniform: expected either bits or w_bits/a_bits, got both")
     if (w_bits is None) != (a_bits is None):
         raise ValueError("uniform: expected w_bits and a_bits together (pairs), got only one")
+    common_w, common_a = problem.allowed.common()
+    if not common_w or not common_a:
+        raise ValueError(
+            f"uniform: expected a weight and an activation width allowed on every searched layer, "
+            f"got allowed bits {problem.allowed.describe()}"
+        )
     if w_bits is not None:
-        ws, as_ = _bit_list("w_bits", w_bits, problem), _bit_list("a_bits", a_bits, problem)
+        ws, as_ = _bit_list("w_bits", w_bits, common_w), _bit_list("a_bits", a_bits, common_a)
         if len(ws) != len(as_):
             raise ValueError(f"w_bits/a_bits: expected lists of equal length, got {len(ws)} and {len(as_)}")
         pairs = list(zip(ws, as_, strict=True))
     elif bits is not None:
-        pairs = [(k, k) for k in _bit_list("bits", bits, problem)]
+        both = tuple(sorted(set(common_w) & set(common_a)))
+        pairs = [(k, k) for k in _bit_list("bits", bits, both)]
     else:
-        pairs = [(k, k) for k in range(problem.max_bits, problem.min_bits - 1, -1)]
+        widths = sorted(set(common_w) | set(common_a), reverse=True)
+        pairs = [(_at_most(common_w, k), _at_most(common_a, k)) for k in widths]
     return list(dict.fromkeys(pairs))
 
 
@@ -106,7 +132,7 @@ class UniformSearcher(SearchPropertiesMixin, Searcher):
         w, a = self.pairs[index]
         pol = np.empty((self.problem.num_layers, 2), dtype=np.int64)
         pol[:, 0], pol[:, 1] = w, a
-        return config_from_policy(pol)
+        return config_from_policy(self.problem.allowed.snap(pol))  # fixed layers: their width
 
     def suggest(self, trial_id: str):
         if trial_id in self._pending:  # asked twice: same answer
@@ -148,7 +174,8 @@ class UniformSearcher(SearchPropertiesMixin, Searcher):
 
 @register_searcher(
     "uniform",
-    description="every uniform k/k policy once (k = max..min bits, or bits=[..] / w_bits+a_bits pairs), then FINISHED",
+    description="every uniform k/k policy once (k = the allowed widths, highest first, or bits=[..] / "
+    "w_bits+a_bits pairs), then FINISHED",
 )
 def _uniform(problem: SearchProblem, *, bits=None, w_bits=None, a_bits=None) -> UniformSearcher:
     """The fixed-bitwidth baseline; ``bits``/``w_bits``/``a_bits`` as in the module docstring."""
