@@ -73,7 +73,9 @@ def test_bit_sets_and_fix_first_last(tmp_path):
     assert SearchConfig(searcher="tpe").replace(searcher="haq").fixes_first_last  # resolved late
     assert not SearchConfig(searcher="haq", fix_first_last=False).fixes_first_last
     assert SearchConfig(searcher="tpe", fix_first_last=True).fixes_first_last
-    assert SearchConfig().allowed_bits(3) == AllowedBits.full(3)
+    assert SearchConfig(searcher="random").allowed_bits(3) == AllowedBits.full(3)
+    # The default searcher is haq, so the default search fixes the first and last layers.
+    assert SearchConfig().allowed_bits(3).w == ((8,), tuple(range(1, 9)), (8,))
 
 
 def test_search_states_its_bits_and_the_hardwares_natural_set():
@@ -86,6 +88,6 @@ def test_search_states_its_bits_and_the_hardwares_natural_set():
                         "(first and last layers fixed: fix_first_last)")
     assert "natural bits 2, 4, 8" in lines[1] and "bits: {w: [2, 4, 8], a: [2, 4, 8]}" in lines[1]
     lines.clear()  # already on the natural set: no note
-    _echo_bits(prepare(SearchConfig(hardware="bitfusion", budget=None,
+    _echo_bits(prepare(SearchConfig(searcher="tpe", hardware="bitfusion", budget=None,
                                     bits={"w": [2, 4, 8], "a": [8]})), lines.append)
     assert lines == ["haqtune: bits w 2,4,8 a 8"]
