@@ -55,8 +55,12 @@ def _read_json(path: Path) -> dict:
         raise HaqtuneError(f"cannot read {path}: {exc}") from None
 
 
-def find_checkpoint(search_dir: Path, trial_id: str) -> Path | None:
-    """The trial's latest Tune checkpoint directory holding a quantized model, if any."""
+def find_checkpoint(search_dir: Path, trial_id: str, row: dict | None = None) -> Path | None:
+    """The trial's checkpoint directory: the summary row's ``checkpoint`` when it is here,
+    else the trial's latest ``checkpoint_*`` (a search directory copied elsewhere)."""
+    recorded = (row or {}).get("checkpoint")
+    if recorded and (Path(recorded) / CHECKPOINT_FILE).is_file():
+        return Path(recorded)
     found = sorted((Path(search_dir) / f"trial_{trial_id}").glob(f"checkpoint_*/{CHECKPOINT_FILE}"))
     return found[-1].parent if found else None
 
@@ -89,7 +93,7 @@ def export_plan(search_dir: str | Path, *, rank: int | None, trial_id: str | Non
         ranked = [i for i, r in enumerate(best, 1) if str(r.get("trial_id")) == trial_id]
         rank = ranked[0] if ranked else None
         row = best[rank - 1] if rank else None
-    checkpoint = find_checkpoint(search_dir, trial_id)
+    checkpoint = find_checkpoint(search_dir, trial_id, row)
     if checkpoint is None:
         raise HaqtuneError(
             f"trial {trial_id} has no checkpoint in {search_dir}: expected "

@@ -708,37 +708,45 @@ def log_exported_model(uri: str, parent_run_id: str, *, name: str, example, torc
     from mlflow.models import infer_signature
 
     requirements = pip_requirements or {}
+    # The pickle format is deliberate (the module ships with its code_paths); its
+    # generic "pickle is unsafe" warning is not news to the one who exported it.
+    logging.getLogger("mlflow.pytorch").setLevel(logging.ERROR)
     client = _client(uri)
     with _one_http_attempt(uri, READ_TIMEOUT_S):
         info = client.get_run(parent_run_id).info
         mlflow.set_tracking_uri(uri)
         uris = []
-        # Reopening a finished run marks it RUNNING and, at the end, FINISHED now: both
-        # are put back, so the search's run keeps its own status and wall time.
-        with mlflow.start_run(run_id=parent_run_id):
-            if torch_model is not None:
-                import torch
+        # Reopening a finished run marks it RUNNING and, at the end, FINISHED (FAILED after
+        # an error) now: status and end time are put back either way, so the search's run
+        # keeps its own.
+        try:
+            with mlflow.start_run(run_id=parent_run_id):
+                if torch_model is not None:
+                    import torch
 
-                with torch.no_grad():
-                    out = torch_model(torch.from_numpy(example)).numpy()
-                logged = mlflow.pytorch.log_model(
-                    torch_model, name=f"{name}-pytorch", signature=infer_signature(example, out),
-                    input_example=example, code_paths=list(code_paths) or None,
-                    pip_requirements=requirements.get("pytorch"))
-                uris.append(logged.model_uri)
-            if onnx_model is not None:
-                from trainables.export import ONNX_INPUT, ONNX_OUTPUT, onnx_session
+                    with torch.no_grad():
+                        out = torch_model(torch.from_numpy(example)).numpy()
+                    logged = mlflow.pytorch.log_model(
+                        torch_model, name=f"{name}-pytorch", signature=infer_signature(example, out),
+                        input_example=example, code_paths=list(code_paths) or None,
+                        # torch.export (pt2) cannot trace the fake-quantize ops; the pickled module can.
+                        serialization_format="pickle",
+                        pip_requirements=requirements.get("pytorch"))
+                    uris.append(logged.model_uri)
+                if onnx_model is not None:
+                    from trainables.export import ONNX_INPUT, ONNX_OUTPUT, onnx_session
 
-                out = onnx_session(onnx_model).run([ONNX_OUTPUT], {ONNX_INPUT: example})[0]
-                logged = mlflow.onnx.log_model(
-                    onnx_model, name=f"{name}-onnx", signature=infer_signature(example, out),
-                    input_example=example, pip_requirements=requirements.get("onnx"),
-                    save_as_external_data=False)
-                uris.append(logged.model_uri)
-            for path in files:
-                mlflow.log_artifact(str(path), artifact_path=f"export/{name}")
-        if info.end_time:
-            client.set_terminated(parent_run_id, status=info.status, end_time=info.end_time)
-        else:  # a search still running (or killed without an end): leave it as it was
-            client.update_run(parent_run_id, status=info.status)
+                    out = onnx_session(onnx_model).run([ONNX_OUTPUT], {ONNX_INPUT: example})[0]
+                    logged = mlflow.onnx.log_model(
+                        onnx_model, name=f"{name}-onnx", signature=infer_signature(example, out),
+                        input_example=example, pip_requirements=requirements.get("onnx"),
+                        save_as_external_data=False, onnx_execution_providers=["CPUExecutionProvider"])
+                    uris.append(logged.model_uri)
+                for path in files:
+                    mlflow.log_artifact(str(path), artifact_path=f"export/{name}")
+        finally:
+            if info.end_time:
+                client.set_terminated(parent_run_id, status=info.status, end_time=info.end_time)
+            else:  # a search still running (or killed without an end): leave it as it was
+                client.update_run(parent_run_id, status=info.status)
     return uris

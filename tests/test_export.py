@@ -1,6 +1,7 @@
 """Export: integer PyTorch file (bit-exact), ONNX QDQ graph (ONNX Runtime), policy report."""
 
 import json
+import re
 
 import numpy as np
 import onnx
@@ -204,3 +205,61 @@ def test_policy_report(setup):
     assert f"| 11 | `{layers[-1].name}` | linear |" in md
     with pytest.raises(ValueError, match="expected 12 layers"):
         E.policy_report(layers[:-1], table, POLICY)
+
+
+# --- CLI: bad input is one line, exit 2, nothing written ------------------------------------------
+
+
+@pytest.fixture
+def fake_search(tmp_path):
+    """A finished search's directory whose trials have no checkpoints (an older search)."""
+    from orchestrator.config import SearchConfig
+
+    search_dir = tmp_path / "runs" / "random-x"
+    search_dir.mkdir(parents=True)
+    SearchConfig().write_yaml(search_dir / "config.yaml")
+    row = {"trial_id": "abc123", "val_acc": 0.9, "test_acc": 0.9, "policy": "8/8"}
+    (search_dir / "summary.json").write_text(json.dumps({"best": [row]}))
+    (search_dir / "trial_abc123").mkdir()
+    return search_dir
+
+
+def _cli(args):
+    from click.testing import CliRunner
+
+    from orchestrator.cli import main
+
+    return CliRunner().invoke(main, ["export", *map(str, args)])
+
+
+def _files(root):
+    return sorted(p.relative_to(root) for p in root.rglob("*"))
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    ([], "trial abc123 has no checkpoint"),
+    (["--rank", 2], "rank 2 does not exist: .*summary.json has ranks 1..1"),
+    (["--rank", 0], "rank 0 does not exist"),
+    (["--trial", "nope"], "trial nope has no checkpoint"),
+    (["--rank", 1, "--trial", "abc123"], "expected --rank or --trial, got both"),
+])
+def test_cli_bad_input(fake_search, args, message):
+    before = _files(fake_search.parent)
+    result = _cli([fake_search, *args])
+    assert result.exit_code == 2, result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("haqtune: error: ")
+    assert re.search(message, lines[0]), lines[0]
+    assert _files(fake_search.parent) == before  # nothing written
+
+
+def test_cli_not_a_search_dir(tmp_path):
+    result = _cli([tmp_path])
+    assert result.exit_code == 2 and "is not a haqtune search directory" in result.output
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_cli_unfinished_search_needs_trial(fake_search):
+    (fake_search / "summary.json").unlink()
+    result = _cli([fake_search])
+    assert result.exit_code == 2 and "has no summary.json" in result.output
