@@ -20,7 +20,7 @@ CONFIG = """\
 searcher: random
 num_trials: 2
 max_concurrent: 2
-reference: {epochs: 6, lr: 0.05, batch_size: 64}
+reference: {epochs: 3, lr: 0.05, batch_size: 64}
 finetune: {epochs: 1, lr: 0.01, batch_size: 64}
 budget: latency=0.6
 """
@@ -70,7 +70,7 @@ def test_search_then_export_both_formats(tmp_path):
     assert sorted(m.name for m in models) == [f"{best['trial_id']}-onnx", f"{best['trial_id']}-pytorch"]
     for m in models:
         info = mlflow.models.get_model_info(m.model_uri)
-        assert info.signature is not None and info.signature.inputs.to_dict()[0]["tensor-spec"]["shape"] == [-1, 1, 8, 8]
+        assert tuple(info.signature.inputs.inputs[0].shape) == (-1, 1, 8, 8)
         flavor = "pytorch" if m.name.endswith("pytorch") else "onnx"
         assert flavor in info.flavors
     after = MlflowClient(uri).get_run(parent.info.run_id).info

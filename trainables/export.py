@@ -15,8 +15,10 @@ trial's fine-tune. Everything here is independent of how that model was stored.
   ``torch.fx`` trace (explicit and small; torch's exporters cannot emit per-layer
   INT4 QDQ): weights as INT4 (<= 4 bits) or INT8 initializers with per-axis
   ``DequantizeLinear``; each quantized layer's input goes through ``Clip`` (so only
-  the ``2**a`` levels of an a-bit grid are reachable) -> ``QuantizeLinear`` ->
-  ``DequantizeLinear`` with UINT4/INT4 (<= 4 bits) or UINT8/INT8 types.
+  the ``2**a`` levels of an a-bit grid are reachable; ``Max`` -> ``Min`` for 4-bit
+  types, see ``_quant_layer_nodes``) -> ``QuantizeLinear`` -> ``DequantizeLinear``
+  with UINT4/INT4 (<= 4 bits) or UINT8/INT8 types. 1-bit signed activations
+  (``sign(x) * alpha``, no integer zero point fits) are ``GreaterOrEqual`` + ``Where``.
 - ``verify_onnx``: ONNX Runtime vs the PyTorch module on a dataset.
 - ``policy_report`` / ``format_policy_markdown``: per-layer kind, MACs, bits, cost shares, size.
 """
@@ -39,7 +41,13 @@ from search_spaces import format_policy
 from search_spaces import metrics as M
 
 from .models import build_model
-from .quantize import QuantLayer, activation_levels, quantize_activation, weight_scale
+from .quantize import (
+    QuantLayer,
+    activation_levels,
+    quantize_activation,
+    quantize_weight,
+    weight_scale,
+)
 from .training import atomic_torch_save
 
 EXPORT_FORMAT = "haqtune.quantized"
@@ -112,8 +120,6 @@ class IntegerQuantLayer(nn.Module):
 
 def qlayer_weight(qlayer: QuantLayer) -> torch.Tensor:
     """The fake-quantized weight a ``QuantLayer`` computes with (no gradient)."""
-    from .quantize import quantize_weight
-
     with torch.no_grad():
         return quantize_weight(qlayer.layer.weight.detach(), qlayer.w_bits, qlayer.w_clip)
 
@@ -179,7 +185,17 @@ def save_quantized(qmodel: nn.Module, path: str | Path, *, identity: ModelIdenti
         "info": json.loads(json.dumps(extra or {})),
     }
     atomic_torch_save(payload, Path(path))
+    _readable(Path(path))
     return int_model
+
+
+def _readable(path: Path) -> None:
+    """A deployable file gets the umask's permissions, not the temp file's private 0600."""
+    import os
+
+    umask = os.umask(0)
+    os.umask(umask)
+    path.chmod(0o666 & ~umask)
 
 
 def read_quantized(path: str | Path) -> dict:
@@ -484,6 +500,7 @@ def save_onnx(model, path: str | Path) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    _readable(path)
 
 
 # --- verification ---------------------------------------------------------------------------------
