@@ -7,6 +7,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
+import torch.nn.functional as F
 from onnx import TensorProto
 
 from hardware import extract_layers, get_cost_model
@@ -30,7 +31,7 @@ def setup():
     data = load_dataset("digits")
     built = build_model("demo", seed=0, **MODEL_KWARGS)
     # A briefly trained net: agreement on an untrained one (one class everywhere) proves nothing.
-    train(built.model, data, TrainSettings(epochs=4, lr=0.05), seed=0, device=torch.device("cpu"))
+    train(built.model, data, TrainSettings(epochs=3, lr=0.05), seed=0, device=torch.device("cpu"))
     model = built.model.eval()
     layers = extract_layers(model, built.input_shape)
     calib = torch.stack([data.train[i][0] for i in range(256)])
@@ -263,3 +264,41 @@ def test_cli_unfinished_search_needs_trial(fake_search):
     (fake_search / "summary.json").unlink()
     result = _cli([fake_search])
     assert result.exit_code == 2 and "has no summary.json" in result.output
+
+
+class _OpZoo(torch.nn.Module):
+    """Every op the ONNX converter maps, in one small net (quantized layers included)."""
+
+    def __init__(self):
+        super().__init__()
+        nn = torch.nn
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
+        self.pool = nn.MaxPool2d(2, ceil_mode=True)
+        self.left = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1, groups=8, bias=False), nn.Hardswish())
+        self.right = nn.Sequential(nn.Conv2d(8, 4, 1), nn.SiLU(), nn.Identity())
+        self.avg = nn.AvgPool2d(3, stride=1, padding=1, count_include_pad=False)
+        self.gate = nn.Sequential(nn.Conv2d(12, 12, 1), nn.Hardsigmoid(), nn.Sigmoid())
+        self.gap = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.head = nn.Sequential(nn.Dropout(0.1), nn.Linear(12, 5))
+
+    def forward(self, x):
+        x = self.pool(torch.relu(self.stem(x)))
+        y = torch.cat([self.left(x), self.right(x)], 1)
+        y = F.relu6(self.avg(y)) * self.gate(y) + 0.5
+        return self.head(self.gap(y) + torch.flatten(F.adaptive_avg_pool2d(y, (1, 1)), 1))
+
+
+def test_onnx_converter_covers_its_op_set():
+    from torch.utils.data import TensorDataset
+
+    model = _OpZoo().eval()
+    generator = torch.Generator().manual_seed(3)
+    x = torch.randn(64, 3, 12, 12, generator=generator)
+    layers = extract_layers(model, (3, 12, 12))
+    policy = [(8, 8), (4, 6), (6, 3), (3, 8), (5, 7)][: len(layers)]
+    qmodel = quantize_model(model, [s.name for s in layers], policy, x[:32])
+    int_model = E.to_integer_model(qmodel)
+    check = E.verify_onnx(int_model, E.to_onnx(int_model, (3, 12, 12)),
+                          TensorDataset(x, torch.zeros(64, dtype=torch.long)))
+    # Logits, not top-1: a wrong pooling or padding attribute moves them by ~1e-2.
+    assert check.agreement >= 0.95 and check.max_abs_logit_diff < 1e-4
