@@ -225,6 +225,8 @@ def run_export(plan: ExportPlan, fmt: str, *, tracking_uri: str | None = None, e
         atomic_write_text(plan.output / REPORT_MD, E.format_policy_markdown(
             report, title=f"Quantization policy: {plan.trial_id}", notes=notes))
         files += [plan.output / REPORT_JSON, plan.output / REPORT_MD]
+        for path in files[-2:]:
+            E.make_readable(path)
         echo(f"haqtune: wrote {plan.output / REPORT_MD} and {REPORT_JSON}")
         example = torch.stack([data.test[i][0] for i in range(min(EXAMPLE_SAMPLES, len(data.test)))]).numpy()
         _log_to_mlflow(plan, config, torch_model=int_model if "torch" in result else None,

@@ -185,11 +185,11 @@ def save_quantized(qmodel: nn.Module, path: str | Path, *, identity: ModelIdenti
         "info": json.loads(json.dumps(extra or {})),
     }
     atomic_torch_save(payload, Path(path))
-    _readable(Path(path))
+    make_readable(Path(path))
     return int_model
 
 
-def _readable(path: Path) -> None:
+def make_readable(path: Path) -> None:
     """A deployable file gets the umask's permissions, not the temp file's private 0600."""
     import os
 
@@ -500,7 +500,7 @@ def save_onnx(model, path: str | Path) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    _readable(path)
+    make_readable(path)
 
 
 # --- verification ---------------------------------------------------------------------------------
