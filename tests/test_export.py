@@ -78,7 +78,7 @@ def test_torch_round_trip_is_bit_identical(setup, tmp_path):
 def test_load_rejects_other_files(tmp_path):
     path = tmp_path / "x.pt"
     torch.save({"format": "something"}, path)
-    with pytest.raises(ValueError, match="expected a haqtune quantized model file"):
+    with pytest.raises(ValueError, match="expected a file written by haqtune export"):
         E.load_quantized(path)
 
 

@@ -50,7 +50,7 @@ from .quantize import (
 )
 from .training import atomic_torch_save
 
-EXPORT_FORMAT = "haqtune.quantized"
+EXPORT_FORMAT = "haqtune.integer-model"  # not a trial checkpoint (haqtune.quantized/1: float weights)
 EXPORT_VERSION = 1
 ONNX_OPSET = 21  # the first opset with INT4/UINT4 QuantizeLinear/DequantizeLinear
 ONNX_IR_VERSION = 10  # INT4/UINT4 tensor types
@@ -202,8 +202,9 @@ def read_quantized(path: str | Path) -> dict:
     """The payload of a ``save_quantized`` file (weights-only load), checked."""
     payload = torch.load(Path(path), map_location="cpu", weights_only=True)
     if not isinstance(payload, dict) or payload.get("format") != EXPORT_FORMAT:
-        raise ValueError(f"{str(path)!r}: expected a haqtune quantized model file ({EXPORT_FORMAT}), "
-                         "got something else")
+        got = payload.get("format") if isinstance(payload, dict) else type(payload).__name__
+        raise ValueError(f"{str(path)!r}: expected a file written by haqtune export (format "
+                         f"{EXPORT_FORMAT!r}), got {got!r}")
     if payload.get("version") != EXPORT_VERSION:
         raise ValueError(f"{str(path)!r}: expected format version {EXPORT_VERSION}, "
                          f"got {payload.get('version')}")
