@@ -766,3 +766,73 @@ def load_searches(uri: str, experiment: str) -> tuple[str, list[dict], list[dict
     parents = [r for r in records if r["parent_run_id"] is None]
     children = [r for r in records if r["parent_run_id"] is not None]
     return experiment_id, parents, children
+
+
+# ---- exported models (haqtune export) --------------------------------------------------
+
+
+def search_parent_run(search_dir: Path) -> str | None:
+    """The parent run id recorded in a search directory's mapping file, if any."""
+    path = Path(search_dir) / RUN_MAP_FILE
+    if not path.is_file():
+        return None
+    return json.loads(path.read_text()).get("parent_run_id")
+
+
+def log_exported_model(uri: str, parent_run_id: str, *, name: str, example, torch_model=None,
+                       onnx_model=None, files: tuple[Path, ...] = (), code_paths: tuple[str, ...] = (),
+                       pip_requirements: dict[str, list[str]] | None = None) -> list[str]:
+    """Log an exported model to a search's parent run as MLflow models; returns their URIs.
+
+    ``torch_model`` becomes a ``pytorch`` flavor model and ``onnx_model`` an ``onnx`` one
+    (named ``<name>-pytorch`` / ``<name>-onnx``), both with the signature inferred from
+    ``example`` (a numpy batch) and the model's output on it; ``files`` (the report) go
+    to the run's artifacts under ``export/<name>/``. The run keeps its status and end time.
+    Raises on any MLflow failure (the caller decides what that means).
+    """
+    import mlflow
+    from mlflow.models import infer_signature
+
+    requirements = pip_requirements or {}
+    # The pickle format is deliberate (the module ships with its code_paths); its
+    # generic "pickle is unsafe" warning is not news to the one who exported it.
+    logging.getLogger("mlflow.pytorch").setLevel(logging.ERROR)
+    client = _client(uri)
+    with _one_http_attempt(uri, READ_TIMEOUT_S):
+        info = client.get_run(parent_run_id).info
+        mlflow.set_tracking_uri(uri)
+        uris = []
+        # Reopening a finished run marks it RUNNING and, at the end, FINISHED (FAILED after
+        # an error) now: status and end time are put back either way, so the search's run
+        # keeps its own.
+        try:
+            with mlflow.start_run(run_id=parent_run_id):
+                if torch_model is not None:
+                    import torch
+
+                    with torch.no_grad():
+                        out = torch_model(torch.from_numpy(example)).numpy()
+                    logged = mlflow.pytorch.log_model(
+                        torch_model, name=f"{name}-pytorch", signature=infer_signature(example, out),
+                        input_example=example, code_paths=list(code_paths) or None,
+                        # torch.export (pt2) cannot trace the fake-quantize ops; the pickled module can.
+                        serialization_format="pickle",
+                        pip_requirements=requirements.get("pytorch"))
+                    uris.append(logged.model_uri)
+                if onnx_model is not None:
+                    from trainables.export import ONNX_INPUT, ONNX_OUTPUT, onnx_session
+
+                    out = onnx_session(onnx_model).run([ONNX_OUTPUT], {ONNX_INPUT: example})[0]
+                    logged = mlflow.onnx.log_model(
+                        onnx_model, name=f"{name}-onnx", signature=infer_signature(example, out),
+                        input_example=example, pip_requirements=requirements.get("onnx"),
+                        save_as_external_data=False, onnx_execution_providers=["CPUExecutionProvider"])
+                    uris.append(logged.model_uri)
+                for path in files:
+                    mlflow.log_artifact(str(path), artifact_path=f"export/{name}")
+        finally:
+            if info.end_time:
+                client.set_terminated(parent_run_id, status=info.status, end_time=info.end_time)
+            else:  # a search still running (or killed without an end): leave it as it was
+                client.update_run(parent_run_id, status=info.status)
+    return uris

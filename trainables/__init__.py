@@ -1,6 +1,16 @@
 """Models, data, quantization and the Ray Tune trial function."""
 
 from .data import DataSplits, load_dataset
+from .export import (
+    IntegerQuantLayer,
+    ModelIdentity,
+    load_quantized,
+    policy_report,
+    save_quantized,
+    to_integer_model,
+    to_onnx,
+    verify_onnx,
+)
 from .models import DEMO, BuiltModel, DemoNet, UnknownModelError, build_model
 from .quantize import QuantLayer, quantize_activation, quantize_model, quantize_weight
 from .training import DivergedError, TrainSettings, evaluate, pick_device, train, train_reference
@@ -19,6 +29,8 @@ __all__ = [
     "DataSplits",
     "DemoNet",
     "DivergedError",
+    "IntegerQuantLayer",
+    "ModelIdentity",
     "QuantLayer",
     "TrainSettings",
     "TrialContext",
@@ -29,8 +41,14 @@ __all__ = [
     "evaluate_on_test",
     "finetune_policy",
     "load_dataset",
+    "load_quantized",
     "load_quantized_checkpoint",
+    "policy_report",
     "pick_device",
+    "save_quantized",
+    "to_integer_model",
+    "to_onnx",
+    "verify_onnx",
     "quantize_activation",
     "quantize_model",
     "quantize_weight",

@@ -33,19 +33,36 @@ def _signed_levels(bits: int) -> int:
     return 2 ** (bits - 1) - 1
 
 
-def quantize_weight(w: torch.Tensor, bits: int, clip_ratio: torch.Tensor | None = None) -> torch.Tensor:
-    """Fake-quantize ``w`` (out channels first) to ``bits`` per output channel."""
-    flat = w.reshape(w.shape[0], -1)
+def _straight_through(q: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Forward value exactly ``q``, gradient 1 w.r.t. ``x`` (``x - x.detach()`` is exactly 0;
+    ``x + (q - x).detach()`` would be ``q`` only up to rounding, and an exported integer
+    model must reproduce the fake-quantized one bit for bit)."""
+    return q.detach() + (x - x.detach())
+
+
+def weight_scale(w: torch.Tensor, bits: int, clip_ratio: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-output-channel float32 scale of ``w`` at ``bits``: integer level ``k`` means ``k * scale``.
+
+    1 bit: levels -1, +1 and scale ``mean|w|``; else levels ``-q..q`` and scale
+    ``clip_ratio * max|w| / q``. The one definition both fake quantization and export use.
+    """
+    flat = w.detach().reshape(w.shape[0], -1)
     if bits == 1:
-        # sign * mean|w|: the L2-optimal binary approximation per channel; STE gradient.
-        scale = flat.abs().mean(dim=1).view(-1, *([1] * (w.dim() - 1)))
-        q = torch.where(w >= 0, scale, -scale)
-        return w + (q - w).detach()
-    levels = _signed_levels(bits)
-    max_abs = flat.detach().abs().amax(dim=1).clamp_min(1e-8)
+        return flat.abs().mean(dim=1).float()
+    max_abs = flat.abs().amax(dim=1).clamp_min(1e-8)
     if clip_ratio is not None:
         max_abs = max_abs * clip_ratio
-    scale = (max_abs / levels).float()
+    return (max_abs / _signed_levels(bits)).float()
+
+
+def quantize_weight(w: torch.Tensor, bits: int, clip_ratio: torch.Tensor | None = None) -> torch.Tensor:
+    """Fake-quantize ``w`` (out channels first) to ``bits`` per output channel."""
+    scale = weight_scale(w, bits, clip_ratio)
+    if bits == 1:
+        # sign * mean|w|: the L2-optimal binary approximation per channel; STE gradient.
+        scale = scale.view(-1, *([1] * (w.dim() - 1)))
+        return _straight_through(torch.where(w >= 0, scale, -scale), w)
+    levels = _signed_levels(bits)
     zero = torch.zeros_like(scale, dtype=torch.int32)
     return torch.fake_quantize_per_channel_affine(w, scale, zero, 0, -levels, levels)
 
@@ -53,12 +70,16 @@ def quantize_weight(w: torch.Tensor, bits: int, clip_ratio: torch.Tensor | None 
 def quantize_activation(x: torch.Tensor, bits: int, alpha: torch.Tensor, signed: bool) -> torch.Tensor:
     """Fake-quantize ``x`` per tensor to ``bits`` with clipping value ``alpha``."""
     if signed and bits == 1:
-        q = torch.where(x >= 0, alpha, -alpha)
-        return x + (q - x).detach()
-    scale = (alpha / (_signed_levels(bits) if signed else 2**bits - 1)).reshape(1).float()
+        return _straight_through(torch.where(x >= 0, alpha, -alpha), x)
+    lo, hi = activation_levels(bits, signed)
+    scale = (alpha / hi).reshape(1).float()
     zero = torch.zeros(1, dtype=torch.int32, device=x.device)
-    lo, hi = (-_signed_levels(bits), _signed_levels(bits)) if signed else (0, 2**bits - 1)
     return torch.fake_quantize_per_tensor_affine(x, scale, zero, lo, hi)
+
+
+def activation_levels(bits: int, signed: bool) -> tuple[int, int]:
+    """Integer range of an activation grid: ``-q..q`` signed (``q = 2**(b-1) - 1``), ``0..2**b - 1`` unsigned."""
+    return (-_signed_levels(bits), _signed_levels(bits)) if signed else (0, 2**bits - 1)
 
 
 def best_weight_clip(w: torch.Tensor, bits: int) -> torch.Tensor:

@@ -1,0 +1,77 @@
+"""End-to-end: a small real search, then `haqtune export` through the console script."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from e2e import run_cli, runs_of
+
+pytestmark = pytest.mark.slow
+
+CONFIG = """\
+searcher: random
+num_trials: 2
+max_concurrent: 2
+reference: {epochs: 3, lr: 0.05, batch_size: 64}
+finetune: {epochs: 1, lr: 0.01, batch_size: 64}
+budget: latency=0.6
+"""
+
+
+def test_search_then_export_both_formats(tmp_path):
+    import mlflow
+    from mlflow import search_logged_models
+    from mlflow.tracking import MlflowClient
+
+    from trainables import load_quantized
+    from trainables.data import load_dataset
+    from trainables.export import ONNX_INPUT, ONNX_OUTPUT, onnx_session
+    from trainables.training import evaluate
+
+    (tmp_path / "cfg.yaml").write_text(CONFIG)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    proc = run_cli(["search", "cfg.yaml", "--tracking-uri", uri], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    search_dir = next(p for p in (tmp_path / "haqtune_runs").iterdir() if not p.name.startswith("_"))
+    summary = json.loads((search_dir / "summary.json").read_text())
+    best = summary["best"][0]
+    (parent,), _ = runs_of(uri)
+
+    proc = run_cli(["export", search_dir, "--format", "both"], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = search_dir / "export" / best["trial_id"]
+    assert {p.name for p in out.iterdir()} == {"model.pt", "model.onnx", "policy.json", "policy.md"}
+    assert ", exact)" in proc.stdout and "top-1 agreement" in proc.stdout
+
+    # The torch file reproduces the summary's test accuracy exactly; ONNX Runtime agrees.
+    data = load_dataset("digits")
+    model = load_quantized(out / "model.pt")
+    assert evaluate(model, data.test, device=torch.device("cpu")) == best["test_acc"]
+    x = torch.stack([data.test[i][0] for i in range(len(data.test))])
+    with torch.no_grad():
+        torch_pred = model(x).argmax(1).numpy()
+    onnx_pred = onnx_session(out / "model.onnx").run([ONNX_OUTPUT], {ONNX_INPUT: x.numpy()})[0].argmax(1)
+    assert np.mean(torch_pred == onnx_pred) >= 0.995
+    report = json.loads((out / "policy.json").read_text())
+    assert report["policy"] == best["policy"] and report["trial_id"] == best["trial_id"]
+
+    # Both flavors on the parent run, with signatures; the run keeps its status and end time.
+    mlflow.set_tracking_uri(uri)
+    models = search_logged_models(experiment_ids=[parent.info.experiment_id], output_format="list",
+                                  filter_string=f"source_run_id = '{parent.info.run_id}'")
+    assert sorted(m.name for m in models) == [f"{best['trial_id']}-onnx", f"{best['trial_id']}-pytorch"]
+    for m in models:
+        info = mlflow.models.get_model_info(m.model_uri)
+        assert tuple(info.signature.inputs.inputs[0].shape) == (-1, 1, 8, 8)
+        flavor = "pytorch" if m.name.endswith("pytorch") else "onnx"
+        assert flavor in info.flavors
+    after = MlflowClient(uri).get_run(parent.info.run_id).info
+    assert (after.status, after.end_time) == (parent.info.status, parent.info.end_time)
+
+    # A rank that does not exist: one line, exit 2, nothing new written.
+    before = sorted(search_dir.rglob("*"))
+    proc = run_cli(["export", search_dir, "--rank", len(summary["best"]) + 1], tmp_path)
+    assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0
+    assert "does not exist" in proc.stderr and sorted(search_dir.rglob("*")) == before
