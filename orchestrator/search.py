@@ -16,8 +16,8 @@ from pathlib import Path
 from hardware import CostTable, LayerSpec, extract_layers, get_cost_model
 from search_spaces import check_feasible, parse_policy
 from search_spaces import metrics as M
-from trainables.data import DATASETS
-from trainables.models import build_model
+from trainables.data import DATASETS, DatasetFacts, DatasetOptions, check_subset, dataset_facts
+from trainables.models import apply_weights, build_model, first_conv_channels, load_weights
 
 from .config import SearchConfig, atomic_write_text
 from .errors import HaqtuneError
@@ -30,49 +30,87 @@ CACHE_DIR = "_cache"  # reference models, shared by every search under one stora
 @dataclass
 class PreparedSearch:
     config: SearchConfig
-    layers: list[LayerSpec]
+    layers: list[LayerSpec]  # the priced layers (the cost table's rows), in policy order
     table: CostTable
-    input_shape: tuple[int, int, int]
+    input_shape: tuple[int, int, int]  # one sample as trials run it (the data's shape)
     budget_limit: float | None
     model_kwargs: dict  # build_model keywords every process uses (classes, input size, channels)
+    cost_input_shape: tuple[int, int, int] | None = None  # the priced shape when cost_input_size is set
+    facts: DatasetFacts | None = None  # classes, sample shape, per-class pool (no image read)
+
+    @property
+    def priced_shape(self) -> tuple[int, int, int]:
+        return self.cost_input_shape or self.input_shape
 
 
-def _dataset_facts(config: SearchConfig) -> tuple[int, tuple[int, int, int] | None]:
+def _dataset_facts(config: SearchConfig) -> DatasetFacts:
+    """The dataset's classes and the sample shape trials run, checked against the
+    settings (input size, subset) without reading an image or downloading anything."""
     if config.dataset not in DATASETS:
         raise HaqtuneError(f"unknown dataset {config.dataset!r}: choose between {', '.join(DATASETS)}")
-    if config.dataset == "digits":
-        return 10, (1, 8, 8)
-    if config.dataset in ("mnist", "cifar10"):
-        return 10, None
-    from trainables.data import load_dataset
+    facts = dataset_facts(config.dataset, root=config.data_root, input_size=config.input_size)
+    size = facts.input_shape[1]
+    if config.input_size is not None and config.input_size != size:
+        raise HaqtuneError(
+            f"input_size: {config.dataset} images are {size}x{size} and input_size resizes only "
+            f"imagefolder data, got {config.input_size}; to price another resolution set cost_input_size"
+        )
+    check_subset(facts, DatasetOptions.from_dict(config.dataset_options))
+    return facts
 
-    return load_dataset(config.dataset, root=config.data_root, input_size=config.input_size).num_classes, None
+
+def _check_channels(config: SearchConfig, model, data_shape: tuple[int, int, int]) -> None:
+    channels = first_conv_channels(model)
+    if channels is not None and channels != data_shape[0]:
+        raise HaqtuneError(
+            f"model {config.model!r} takes {channels}-channel images, but dataset {config.dataset!r} has "
+            f"{data_shape[0]}-channel images {list(data_shape)}: pick a model and dataset that fit"
+        )
+
+
+def _priced_layers(config: SearchConfig, model, trial_layers: list[LayerSpec],
+                   data_shape: tuple[int, int, int]) -> tuple[list[LayerSpec], tuple[int, int, int] | None]:
+    """The layers the cost table prices: the trials' own, or at ``cost_input_size``."""
+    if config.cost_input_size is None or config.cost_input_size == data_shape[1]:
+        return trial_layers, None
+    shape = (data_shape[0], config.cost_input_size, config.cost_input_size)
+    layers = extract_layers(model, shape)
+    if [s.name for s in layers] != [s.name for s in trial_layers]:
+        raise HaqtuneError(
+            f"cost_input_size: model {config.model!r} runs other layers at {shape[1]}x{shape[2]} "
+            f"({len(layers)}) than at the data's {data_shape[1]}x{data_shape[2]} ({len(trial_layers)}): "
+            "expected the same layers at both sizes"
+        )
+    return layers, shape
 
 
 def prepare(config: SearchConfig) -> PreparedSearch:
     """Validate everything that can be checked before a trial runs; write nothing."""
     try:
         cost_model = get_cost_model(config.hardware, **config.hardware_options)
-        num_classes, data_shape = _dataset_facts(config)
-        # An in-memory dataset fixes the input shape; a model callable without its own
-        # ``input_shape`` is traced at that shape.
-        input_size = config.input_size or (data_shape[1] if data_shape else None)
-        model_kwargs = {"num_classes": num_classes, "input_size": input_size,
-                        "in_channels": data_shape[0] if data_shape else None}
+        facts = _dataset_facts(config)
+        data_shape = facts.input_shape
+        # Priced = trained: the model is built for, and traced at, the shape the trials run.
+        model_kwargs = {"num_classes": facts.num_classes, "input_size": data_shape[1],
+                        "in_channels": data_shape[0]}
         built = build_model(config.model, seed=config.seed, **model_kwargs)
-        if data_shape is not None and tuple(built.input_shape) != data_shape:
+        _check_channels(config, built.model, data_shape)
+        if tuple(built.input_shape) != data_shape:
             raise HaqtuneError(
                 f"model {config.model!r} takes inputs of shape {list(built.input_shape)}, but dataset "
                 f"{config.dataset!r} has {list(data_shape)}: pick a model that fits (demo for digits)"
             )
-        layers = extract_layers(built.model, built.input_shape)
+        if config.reference.weights is not None:  # another architecture fails here, before any write
+            apply_weights(built.model, load_weights(config.model, config.reference.weights), config.model)
+        trial_layers = extract_layers(built.model, data_shape)
+        layers, cost_shape = _priced_layers(config, built.model, trial_layers, data_shape)
         table = cost_model.table(layers, config.batch)
         limit = check_feasible(table, config.budget, config.min_bits) if config.budget else None
     except HaqtuneError:
         raise
-    except (ValueError, TypeError, RuntimeError) as exc:
+    except (ValueError, TypeError, RuntimeError, OSError) as exc:
         raise HaqtuneError(str(exc)) from None
-    return PreparedSearch(config, layers, table, tuple(built.input_shape), limit, model_kwargs)
+    return PreparedSearch(config, layers, table, data_shape, limit, model_kwargs, cost_shape, facts)
 
 
 def new_search_id(searcher: str) -> str:
@@ -120,7 +158,22 @@ def _search_params(config: SearchConfig, prepared: PreparedSearch) -> dict:
         "scheduler": config.scheduler, "num_layers": len(prepared.layers),
         "min_bits": config.min_bits, "max_bits": config.max_bits,
         "finetune_epochs": config.finetune.epochs, "batch": prepared.table.batch,
+        "input_shape": _shape_text(prepared.input_shape), "cost_input_size": config.cost_input_size,
+        "priced_shape": _shape_text(prepared.priced_shape), "dataset_options": config.dataset_options or None,
+        "reference_weights": config.reference.weights,
     }
+
+
+def _shape_text(shape) -> str:
+    return "x".join(str(int(d)) for d in shape)
+
+
+def input_note(prepared: PreparedSearch) -> str:
+    """What the trials run and what the cost table prices (they differ only with cost_input_size)."""
+    note = f"trials run {_shape_text(prepared.input_shape)} inputs"
+    if prepared.cost_input_shape is not None:
+        return f"{note}, priced at {_shape_text(prepared.cost_input_shape)} (cost_input_size)"
+    return f"{note}, priced at the same shape"
 
 
 def quiet_libraries() -> None:
@@ -175,7 +228,7 @@ def run(prepared: PreparedSearch, *, echo=print, search_id: str | None = None,
     from orchestrator.searchers import SearchProblem, make_searcher
     from trainables import TrialContext, quantize_and_finetune
     from trainables.data import load_dataset
-    from trainables.training import pick_device, reference_key, train_reference
+    from trainables.training import pick_device, reference_cache_key, reference_model
 
     from .tracking import MlflowTracker, resolve_tracking_uri
 
@@ -193,14 +246,19 @@ def run(prepared: PreparedSearch, *, echo=print, search_id: str | None = None,
 
     echo(f"haqtune: {'resuming' if resume_dir else 'search'} {search_id}: {config.searcher} on {config.model}/{config.dataset}, "
          f"{config.hardware} (batch {prepared.table.batch}), budget {config.budget}, "
-         f"{len(prepared.layers)} layers, {config.num_trials} trials")
-    data = load_dataset(config.dataset, root=config.data_root, input_size=config.input_size)
-    state, ref_acc, _ = train_reference(
+         f"{len(prepared.layers)} layers, {config.num_trials} trials; {input_note(prepared)}")
+    data = load_dataset(config.dataset, root=config.data_root, input_size=config.input_size,
+                        options=config.dataset_options)
+    # Pretrained weights (reference.weights) are evaluated as they are; otherwise trained once.
+    state, ref_acc, _ = reference_model(
         lambda: build_model(config.model, seed=config.seed, **prepared.model_kwargs).model,
         data, config.reference, seed=config.seed, cache_dir=storage / CACHE_DIR,
-        key=reference_key(model=config.model, dataset=config.dataset, **prepared.model_kwargs),
-        device=pick_device(config.gpus_per_trial))
-    echo(f"haqtune: full-precision reference val_acc={ref_acc:.4f}")
+        key=reference_cache_key(model=config.model, dataset=config.dataset, data=data,
+                                dataset_options=config.dataset_options, data_root=config.data_root,
+                                model_kwargs=prepared.model_kwargs),
+        device=pick_device(config.gpus_per_trial), model_name=config.model)
+    echo(f"haqtune: full-precision reference val_acc={ref_acc:.4f}"
+         f"{' (pretrained: ' + config.reference.weights + ', not retrained)' if config.reference.weights else ''}")
 
     context = TrialContext(
         model=config.model, dataset=config.dataset, model_kwargs=prepared.model_kwargs,
@@ -208,7 +266,7 @@ def run(prepared: PreparedSearch, *, echo=print, search_id: str | None = None,
         reference_state=state, ref_acc=ref_acc, table=prepared.table, budget=config.budget,
         finetune=config.finetune, seed=config.seed,
         min_bits=config.min_bits, max_bits=config.max_bits, data_root=os.path.abspath(config.data_root),
-        gpus_per_trial=config.gpus_per_trial)
+        gpus_per_trial=config.gpus_per_trial, dataset_options=dict(config.dataset_options))
     problem = SearchProblem(
         layers=prepared.layers, table=prepared.table, budget=config.budget, min_bits=config.min_bits,
         max_bits=config.max_bits, cost_metric=config.budget.metric if config.budget else M.LATENCY_MS,

@@ -32,12 +32,25 @@ def check_bit_range(min_bits: int, max_bits: int) -> None:
         )
 
 
-def bitwidth_space(num_layers: int, *, min_bits: int = MIN_BITS, max_bits: int = MAX_BITS) -> dict:
-    """Ray Tune ``param_space``: ``w_i``/``a_i`` integers in [min_bits, max_bits]."""
+def bitwidth_space(layers, *, min_bits: int = MIN_BITS, max_bits: int = MAX_BITS) -> dict:
+    """Ray Tune ``param_space``: ``w_i``/``a_i`` integers in [min_bits, max_bits].
+
+    ``layers`` is the layer list from ``extract_layers`` (one ``w_i``/``a_i`` pair per
+    entry) or a layer count.
+    """
     from ray import tune
 
+    if isinstance(layers, bool) or not isinstance(layers, int):
+        try:
+            layers = len(layers)
+        except TypeError:
+            raise TypeError(
+                f"layers: expected a layer list (extract_layers) or a layer count, got {type(layers).__name__}"
+            ) from None
+    if layers < 1:
+        raise ValueError(f"layers: expected at least one layer, got {layers}")
     check_bit_range(min_bits, max_bits)
-    return {k: tune.randint(min_bits, max_bits + 1) for k in policy_keys(num_layers)}
+    return {k: tune.randint(min_bits, max_bits + 1) for k in policy_keys(layers)}
 
 
 def policy_from_config(config: dict, num_layers: int) -> np.ndarray:
