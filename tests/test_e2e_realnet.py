@@ -7,9 +7,9 @@ import re
 import pytest
 import torch
 import yaml
+from imagefolders import write_imagefolder
 
 from e2e import run_cli, runs_of
-from imagefolders import write_imagefolder
 
 pytestmark = pytest.mark.slow
 
