@@ -122,8 +122,9 @@ class ActivationStats:
         if flat.numel() == 0:
             return
         self.seen += flat.numel()
-        self.min = min(self.min, float(flat.min()))
-        self.max_abs = max(self.max_abs, float(flat.abs().max()))
+        lo, hi = torch.aminmax(flat)  # one pass, no |x| copy of a large feature map
+        self.min = min(self.min, float(lo))
+        self.max_abs = max(self.max_abs, float(-lo), float(hi))
         while self.kept_count + -(-flat.numel() // self.stride) > self.capacity:
             self.stride *= 2
             halved = torch.cat(self.kept)[::2] if self.kept else flat.new_empty(0)
