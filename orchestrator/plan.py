@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from search_spaces import metrics as M
 
-from .search import PreparedSearch, _shape_text, input_note
+from .search import PreparedSearch, _shape_text, input_note, uniform8_note
 
 
 def cost_command(prepared: PreparedSearch) -> str:
@@ -22,8 +22,7 @@ def cost_command(prepared: PreparedSearch) -> str:
 
 def format_plan(prepared: PreparedSearch) -> str:
     config, layers, table = prepared.config, prepared.layers, prepared.table
-    uniform8 = table.uniform(8)
-    latency_ms, energy_mj, size_mb = table.layer_costs(uniform8)
+    latency_ms, _, _ = table.layer_costs(table.uniform(8))
     total_macs = sum(s.macs for s in layers)
     total_weights = sum(s.weights for s in layers)
     if config.reference.weights is not None:
@@ -47,8 +46,7 @@ def format_plan(prepared: PreparedSearch) -> str:
         f"data:      {config.dataset} ({config.data_root}): {facts.num_classes if facts else '?'} classes, "
         f"subset {subset}; {input_note(prepared)}",
         f"input:     {_shape_text(prepared.input_shape)} (trials), {_shape_text(prepared.priced_shape)} (cost table)",
-        f"hardware:  {config.hardware} (batch {table.batch}); uniform 8-bit: "
-        f"latency_ms={latency_ms.sum():.6g} energy_mj={energy_mj.sum():.6g} size_mb={size_mb.sum():.6g}",
+        f"hardware:  {config.hardware} (batch {table.batch}); {uniform8_note(prepared)}",
         f"budget:    {budget}",
         f"finetune:  {f.epochs} epochs, lr {f.lr:g}, batch {f.batch_size}"
         f"{f', at most {f.max_steps_per_epoch} steps/epoch' if f.max_steps_per_epoch else ''}",

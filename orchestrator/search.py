@@ -176,6 +176,13 @@ def input_note(prepared: PreparedSearch) -> str:
     return f"{note}, priced at the same shape"
 
 
+def uniform8_note(prepared: PreparedSearch) -> str:
+    """The uniform 8-bit policy's cost (what `haqtune cost ... --bits 8` prints for the priced shape)."""
+    latency_ms, energy_mj, size_mb = prepared.table.layer_costs(prepared.table.uniform(8))
+    return (f"uniform 8-bit latency_ms={latency_ms.sum():.6g} energy_mj={energy_mj.sum():.6g} "
+            f"size_mb={size_mb.sum():.6g}")
+
+
 def quiet_libraries() -> None:
     """Keep the terminal to haqtune's own progress lines: Ray Tune's legacy reporter at
     verbose=0 prints nothing, and Optuna / MLflow info logs say nothing a user needs."""
@@ -246,7 +253,7 @@ def run(prepared: PreparedSearch, *, echo=print, search_id: str | None = None,
 
     echo(f"haqtune: {'resuming' if resume_dir else 'search'} {search_id}: {config.searcher} on {config.model}/{config.dataset}, "
          f"{config.hardware} (batch {prepared.table.batch}), budget {config.budget}, "
-         f"{len(prepared.layers)} layers, {config.num_trials} trials; {input_note(prepared)}")
+         f"{len(prepared.layers)} layers, {config.num_trials} trials; {input_note(prepared)}; {uniform8_note(prepared)}")
     data = load_dataset(config.dataset, root=config.data_root, input_size=config.input_size,
                         options=config.dataset_options)
     # Pretrained weights (reference.weights) are evaluated as they are; otherwise trained once.

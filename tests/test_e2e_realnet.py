@@ -44,7 +44,7 @@ def test_imagefolder_mobilenet_pretrained_subset(tmp_path):
     assert "trials run 3x32x32 inputs, priced at the same shape" in plan.stdout
     assert "subset classes=2, train_per_class=6, val_per_class=3" in plan.stdout
     assert not (tmp_path / "haqtune_runs").exists() and not (tmp_path / "mlflow.db").exists()
-    latency8 = float(re.search(r"uniform 8-bit: latency_ms=([0-9.e+-]+)", plan.stdout).group(1))
+    latency8 = float(re.search(r"uniform 8-bit latency_ms=([0-9.e+-]+)", plan.stdout).group(1))
     command = re.search(r"same cost: haqtune (.*)", plan.stdout).group(1).split()
     cost = run_cli([*command[:-2], "--bits", "8", "--json"], tmp_path, timeout=300)
     assert cost.returncode == 0, cost.stderr
@@ -53,6 +53,9 @@ def test_imagefolder_mobilenet_pretrained_subset(tmp_path):
     proc = run_cli(["search", "search.yaml"], tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "[3/3]" in proc.stdout and "trials run 3x32x32 inputs" in proc.stdout
+    header_line = next(line for line in proc.stdout.splitlines() if line.startswith("haqtune: search "))
+    header = re.search(r"uniform 8-bit latency_ms=([0-9.e+-]+)", header_line)
+    assert header and float(header.group(1)) == latency8  # the search header prices what cost prices
     assert f"(pretrained: {ckpt}, not retrained)" in proc.stdout
     search_dir = next(p for p in (tmp_path / "haqtune_runs").iterdir() if not p.name.startswith("_"))
     summary = json.loads((search_dir / "summary.json").read_text())
