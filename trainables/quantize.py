@@ -102,16 +102,19 @@ def best_activation_alpha(x: torch.Tensor, bits: int, signed: bool,
 class ActivationStats:
     """Bounded per-layer calibration statistics over a stream of input batches.
 
-    Keeps the exact running min and max |x| and a strided sample of the values: the
-    stride doubles (and the kept sample is halved) whenever it would exceed ``capacity``,
-    so the sample stays a uniform stride over everything seen, between ``capacity / 2``
-    and ``capacity`` values, whatever the number of batches.
+    Keeps the exact running min and max |x| and a strided sample of the values in one
+    preallocated buffer of ``capacity`` floats: the stride doubles (and the kept sample
+    is halved in place) whenever it would overflow, so the sample stays a uniform
+    stride over everything seen, between ``capacity / 2`` and ``capacity`` values,
+    whatever the number of batches. One fixed buffer, not a growing list of pieces:
+    many small tensors between the big transient activations fragment the heap, and
+    the process's RSS kept growing with the sample count although they stayed bounded.
     """
 
     def __init__(self, capacity: int = MAX_CALIBRATION_VALUES) -> None:
         self.capacity = int(capacity)
         self.stride = 1
-        self.kept: list[torch.Tensor] = []
+        self.buffer: torch.Tensor | None = None  # allocated on the first batch, on the CPU
         self.kept_count = 0
         self.seen = 0
         self.min = float("inf")
@@ -121,22 +124,25 @@ class ActivationStats:
         flat = x.detach().reshape(-1)
         if flat.numel() == 0:
             return
+        if self.buffer is None:
+            self.buffer = torch.empty(self.capacity, dtype=torch.float32)
         self.seen += flat.numel()
         lo, hi = torch.aminmax(flat)  # one pass, no |x| copy of a large feature map
         self.min = min(self.min, float(lo))
         self.max_abs = max(self.max_abs, float(-lo), float(hi))
         while self.kept_count + -(-flat.numel() // self.stride) > self.capacity:
             self.stride *= 2
-            halved = torch.cat(self.kept)[::2] if self.kept else flat.new_empty(0)
-            self.kept, self.kept_count = ([halved] if halved.numel() else []), int(halved.numel())
-        part = flat[::self.stride].float().cpu().clone()  # clone: never keep a view of the batch
-        self.kept.append(part)
+            halved = self.buffer[:self.kept_count:2].clone()  # at most capacity / 2 floats
+            self.kept_count = int(halved.numel())
+            self.buffer[:self.kept_count] = halved
+        part = flat[::self.stride]
+        self.buffer[self.kept_count:self.kept_count + part.numel()].copy_(part)
         self.kept_count += int(part.numel())
 
     def sample(self) -> torch.Tensor:
-        if not self.kept:
+        if self.buffer is None or self.kept_count == 0:
             raise ValueError("calibration: expected at least one input batch through this layer, got none")
-        return torch.cat(self.kept)
+        return self.buffer[:self.kept_count]
 
 
 class QuantLayer(nn.Module):
