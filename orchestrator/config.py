@@ -96,6 +96,9 @@ class SearchConfig:
             _check_int("cost_input_size", self.cost_input_size, minimum=1)
         if self.batch is not None:
             _check_int("batch", self.batch, minimum=1)
+        if isinstance(self.reference, TrainConfig) and not isinstance(self.reference, ReferenceSettings):
+            # A plain TrainSettings from Python code: the reference section without weights.
+            object.__setattr__(self, "reference", ReferenceSettings(**dataclasses.asdict(self.reference)))
         try:
             DatasetOptions.from_dict(self.dataset_options)
         except ValueError as exc:

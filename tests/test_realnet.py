@@ -265,6 +265,10 @@ def test_config_settings_roundtrip_and_validation(tmp_path):
     assert cfg.reference.weights == "w.pt" and cfg.reference.epochs == SearchConfig().reference.epochs
     cfg.write_yaml(tmp_path / "c.yaml")
     assert SearchConfig.from_yaml(tmp_path / "c.yaml") == cfg
+    from orchestrator.config import TrainConfig
+
+    # A plain TrainSettings (Python API) is a reference without weights.
+    assert SearchConfig(reference=TrainConfig(epochs=1, lr=0.1)).reference.weights is None
     for bad, message in (({"dataset_options": {"classes": 0}}, "dataset_options.classes"),
                          ({"dataset_options": {"foo": 1}}, "unknown option"),
                          ({"cost_input_size": 0}, "cost_input_size"),
