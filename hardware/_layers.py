@@ -99,16 +99,35 @@ def _spec_for(name: str, module, inp, out) -> LayerSpec:
                      (positions, 1), int(module.weight.numel()), positions * in_f * out_f)
 
 
-def extract_layers(model, input_shape: tuple[int, ...]) -> list[LayerSpec]:
-    """Trace ``model`` on a zero input of ``(1, *input_shape)`` and list its quantizable layers.
+def extract_layers(model, x) -> list[LayerSpec]:
+    """Trace ``model`` once and list its quantizable layers, in execution order.
 
-    Works on any ``nn.Module``; the model's train/eval mode is restored afterwards.
-    A module called twice (weight sharing) is recorded once, at its first call,
-    because one policy row sets its bits.
+    ``x`` is either one sample's shape ``(C, H, W)`` (traced on a zero input of
+    ``(1, C, H, W)``) or an example input tensor, batched, as users pass to
+    ``torchinfo``/``fvcore`` (moved to the model's device; any batch size: specs are
+    per sample). Works on any ``nn.Module``; the model's train/eval mode is restored
+    afterwards. A module called twice (weight sharing) is recorded once, at its first
+    call, because one policy row sets its bits. A forward pass that fails on ``x``
+    (say, 1-channel images into a 3-channel model) is a ``ValueError`` naming the
+    input shape and torch's first error line.
     """
     import torch
     import torch.nn as nn
 
+    if isinstance(x, torch.Tensor):
+        if x.dim() < 2:
+            raise ValueError(f"input: expected a batched example tensor (N, ...), got shape {list(x.shape)}")
+        example, shown = x, list(x.shape)
+    else:
+        try:
+            shape = tuple(int(d) for d in x)
+        except TypeError:
+            raise TypeError(
+                f"input: expected a (C, H, W) shape or an example input tensor, got {type(x).__name__}"
+            ) from None
+        if not shape or min(shape) < 1:
+            raise ValueError(f"input shape: expected positive sizes such as (3, 224, 224), got {list(shape)}")
+        example, shown = None, [1, *shape]
     specs: dict[str, LayerSpec] = {}
     handles = []
     for name, module in model.named_modules():
@@ -121,9 +140,15 @@ def extract_layers(model, input_shape: tuple[int, ...]) -> list[LayerSpec]:
     try:
         param = next(model.parameters(), None)
         device = param.device if param is not None else torch.device("cpu")
+        example = torch.zeros(shown, device=device) if example is None else example.to(device)
         model.eval()
         with torch.no_grad():
-            model(torch.zeros((1, *input_shape), device=device))
+            model(example)
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ValueError(
+            f"model {type(model).__name__}: forward pass on an input of shape {shown} failed ({first})"
+        ) from None
     finally:
         for h in handles:
             h.remove()

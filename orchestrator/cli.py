@@ -52,18 +52,31 @@ def main() -> None:
 @click.option("--dataset", help="digits | mnist | cifar10 | imagefolder.")
 @click.option("--min-bits", type=int)
 @click.option("--max-bits", type=int)
-def search(config_file, **flags) -> None:
+@click.option("--weights", help="Pretrained reference: a torchvision weights name (local torch cache) "
+              "or a checkpoint file; evaluated, not retrained (reference.weights).")
+@click.option("--dry-run", is_flag=True, help="Print the plan (layers, MACs, 8-bit cost, budget, trials, "
+              "resources) and exit; runs and writes nothing.")
+def search(config_file, dry_run, weights, **flags) -> None:
     """Run a search (CONFIG_FILE: YAML in configs/; none = the embedded demo)."""
     from .config import SearchConfig
 
     try:
         config = SearchConfig.from_yaml(config_file) if config_file else SearchConfig()
         config = config.replace(**flags)
+        if weights is not None:
+            import dataclasses
+
+            config = config.replace(reference=dataclasses.replace(config.reference, weights=weights))
         from .search import prepare
 
         prepared = prepare(config)
     except (HaqtuneError, ValueError) as exc:
         fail(str(exc))
+    if dry_run:
+        from .plan import format_plan
+
+        click.echo(format_plan(prepared))
+        return
     _run_search(prepared)
 
 

@@ -13,6 +13,8 @@ import yaml
 
 from hardware import MAX_BITS, MIN_BITS
 from search_spaces import AllowedBits, Budget, check_bit_range, check_bit_set
+from trainables.data import DatasetOptions
+from trainables.training import ReferenceSettings
 from trainables.training import TrainSettings as TrainConfig  # the config's training sections
 
 from .errors import HaqtuneError
@@ -24,9 +26,9 @@ FIX_FIRST_LAST_BY_DEFAULT = ("haq",)
 BIT_SET_KEYS = ("w", "a")
 
 
-def _default_reference() -> TrainConfig:
+def _default_reference() -> ReferenceSettings:
     # Reaches ~98% val accuracy on digits with the demo net in ~10 s on one core.
-    return TrainConfig(epochs=20, lr=0.05, batch_size=64, weight_decay=1e-4)
+    return ReferenceSettings(epochs=20, lr=0.05, batch_size=64, weight_decay=1e-4)
 
 
 def _default_finetune() -> TrainConfig:
@@ -56,6 +58,10 @@ class SearchConfig:
     dataset: str = "digits"
     input_size: int | None = None
     data_root: str = "./data"
+    # HAQ-style subset: {classes: N, train_per_class: K, val_per_class: V} (trainables.data.DatasetOptions)
+    dataset_options: dict = field(default_factory=dict)
+    # Price layer shapes at this resolution instead of the data's (HAQ: search on a subset, price 224x224)
+    cost_input_size: int | None = None
     hardware: str = "bismo-edge"
     hardware_options: dict = field(default_factory=dict)
     batch: int | None = None
@@ -68,7 +74,7 @@ class SearchConfig:
     # First layer and classifier at their highest allowed width (8/8); None = the
     # searcher's default (true for haq, false otherwise), see ``fixes_first_last``.
     fix_first_last: bool | None = None
-    reference: TrainConfig = field(default_factory=_default_reference)
+    reference: ReferenceSettings = field(default_factory=_default_reference)  # + weights: pretrained
     finetune: TrainConfig = field(default_factory=_default_finetune)
     searcher_options: dict = field(default_factory=dict)
     experiment: str = "haqtune"
@@ -96,8 +102,17 @@ class SearchConfig:
         _check_int("max_bits", self.max_bits)
         if self.input_size is not None:
             _check_int("input_size", self.input_size, minimum=1)
+        if self.cost_input_size is not None:
+            _check_int("cost_input_size", self.cost_input_size, minimum=1)
         if self.batch is not None:
             _check_int("batch", self.batch, minimum=1)
+        if isinstance(self.reference, TrainConfig) and not isinstance(self.reference, ReferenceSettings):
+            # A plain TrainSettings from Python code: the reference section without weights.
+            object.__setattr__(self, "reference", ReferenceSettings(**dataclasses.asdict(self.reference)))
+        try:
+            DatasetOptions.from_dict(self.dataset_options)
+        except ValueError as exc:
+            raise HaqtuneError(str(exc)) from None
         try:
             check_bit_range(self.min_bits, self.max_bits)
         except ValueError as exc:
@@ -229,11 +244,11 @@ def _parse_budget(value) -> Budget | None:
 
 
 def _train_config(name: str, value, default: TrainConfig) -> TrainConfig:
-    if isinstance(value, TrainConfig):
+    if isinstance(value, type(default)):
         return value
     if not isinstance(value, dict):
         raise HaqtuneError(f"{name}: expected a mapping (epochs, lr, ...), got {value!r}")
-    known = {f.name for f in fields(TrainConfig)}
+    known = {f.name for f in fields(type(default))}
     unknown = sorted(set(value) - known)
     if unknown:
         raise HaqtuneError(f"{name}: unknown setting(s) {', '.join(unknown)}; expected some of {', '.join(sorted(known))}")

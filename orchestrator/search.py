@@ -18,8 +18,8 @@ import numpy as np
 from hardware import CostTable, LayerSpec, extract_layers, get_cost_model
 from search_spaces import AllowedBits, check_feasible
 from search_spaces import metrics as M
-from trainables.data import DATASETS
-from trainables.models import build_model
+from trainables.data import DATASETS, DatasetFacts, DatasetOptions, check_subset, dataset_facts
+from trainables.models import apply_weights, build_model, first_conv_channels, load_weights
 
 from .config import SearchConfig, atomic_write_text
 from .errors import HaqtuneError
@@ -32,51 +32,89 @@ CACHE_DIR = "_cache"  # reference models, shared by every search under one stora
 @dataclass
 class PreparedSearch:
     config: SearchConfig
-    layers: list[LayerSpec]
+    layers: list[LayerSpec]  # the priced layers (the cost table's rows), in policy order
     table: CostTable
-    input_shape: tuple[int, int, int]
+    input_shape: tuple[int, int, int]  # one sample as trials run it (the data's shape)
     budget_limit: float | None
     model_kwargs: dict  # build_model keywords every process uses (classes, input size, channels)
     allowed: AllowedBits | None = None  # per-layer widths: bit sets, fixed first/last layers
+    cost_input_shape: tuple[int, int, int] | None = None  # the priced shape when cost_input_size is set
+    facts: DatasetFacts | None = None  # classes, sample shape, per-class pool (no image read)
+
+    @property
+    def priced_shape(self) -> tuple[int, int, int]:
+        return self.cost_input_shape or self.input_shape
 
 
-def _dataset_facts(config: SearchConfig) -> tuple[int, tuple[int, int, int] | None]:
+def _dataset_facts(config: SearchConfig) -> DatasetFacts:
+    """The dataset's classes and the sample shape trials run, checked against the
+    settings (input size, subset) without reading an image or downloading anything."""
     if config.dataset not in DATASETS:
         raise HaqtuneError(f"unknown dataset {config.dataset!r}: choose between {', '.join(DATASETS)}")
-    if config.dataset == "digits":
-        return 10, (1, 8, 8)
-    if config.dataset in ("mnist", "cifar10"):
-        return 10, None
-    from trainables.data import load_dataset
+    facts = dataset_facts(config.dataset, root=config.data_root, input_size=config.input_size)
+    size = facts.input_shape[1]
+    if config.input_size is not None and config.input_size != size:
+        raise HaqtuneError(
+            f"input_size: {config.dataset} images are {size}x{size} and input_size resizes only "
+            f"imagefolder data, got {config.input_size}; to price another resolution set cost_input_size"
+        )
+    check_subset(facts, DatasetOptions.from_dict(config.dataset_options))
+    return facts
 
-    return load_dataset(config.dataset, root=config.data_root, input_size=config.input_size).num_classes, None
+
+def _check_channels(config: SearchConfig, model, data_shape: tuple[int, int, int]) -> None:
+    channels = first_conv_channels(model)
+    if channels is not None and channels != data_shape[0]:
+        raise HaqtuneError(
+            f"model {config.model!r} takes {channels}-channel images, but dataset {config.dataset!r} has "
+            f"{data_shape[0]}-channel images {list(data_shape)}: pick a model and dataset that fit"
+        )
+
+
+def _priced_layers(config: SearchConfig, model, trial_layers: list[LayerSpec],
+                   data_shape: tuple[int, int, int]) -> tuple[list[LayerSpec], tuple[int, int, int] | None]:
+    """The layers the cost table prices: the trials' own, or at ``cost_input_size``."""
+    if config.cost_input_size is None or config.cost_input_size == data_shape[1]:
+        return trial_layers, None
+    shape = (data_shape[0], config.cost_input_size, config.cost_input_size)
+    layers = extract_layers(model, shape)
+    if [s.name for s in layers] != [s.name for s in trial_layers]:
+        raise HaqtuneError(
+            f"cost_input_size: model {config.model!r} runs other layers at {shape[1]}x{shape[2]} "
+            f"({len(layers)}) than at the data's {data_shape[1]}x{data_shape[2]} ({len(trial_layers)}): "
+            "expected the same layers at both sizes"
+        )
+    return layers, shape
 
 
 def prepare(config: SearchConfig) -> PreparedSearch:
     """Validate everything that can be checked before a trial runs; write nothing."""
     try:
         cost_model = get_cost_model(config.hardware, **config.hardware_options)
-        num_classes, data_shape = _dataset_facts(config)
-        # An in-memory dataset fixes the input shape; a model callable without its own
-        # ``input_shape`` is traced at that shape.
-        input_size = config.input_size or (data_shape[1] if data_shape else None)
-        model_kwargs = {"num_classes": num_classes, "input_size": input_size,
-                        "in_channels": data_shape[0] if data_shape else None}
+        facts = _dataset_facts(config)
+        data_shape = facts.input_shape
+        # Priced = trained: the model is built for, and traced at, the shape the trials run.
+        model_kwargs = {"num_classes": facts.num_classes, "input_size": data_shape[1],
+                        "in_channels": data_shape[0]}
         built = build_model(config.model, seed=config.seed, **model_kwargs)
-        if data_shape is not None and tuple(built.input_shape) != data_shape:
+        _check_channels(config, built.model, data_shape)
+        if tuple(built.input_shape) != data_shape:
             raise HaqtuneError(
                 f"model {config.model!r} takes inputs of shape {list(built.input_shape)}, but dataset "
                 f"{config.dataset!r} has {list(data_shape)}: pick a model that fits (demo for digits)"
             )
-        layers = extract_layers(built.model, built.input_shape)
+        if config.reference.weights is not None:  # another architecture fails here, before any write
+            apply_weights(built.model, load_weights(config.model, config.reference.weights), config.model)
+        trial_layers = extract_layers(built.model, data_shape)
+        layers, cost_shape = _priced_layers(config, built.model, trial_layers, data_shape)
         table = cost_model.table(layers, config.batch)
         allowed = config.allowed_bits(len(layers))
         limit = check_feasible(table, config.budget, allowed=allowed) if config.budget else None
     except HaqtuneError:
         raise
-    except (ValueError, TypeError, RuntimeError) as exc:
+    except (ValueError, TypeError, RuntimeError, OSError) as exc:
         raise HaqtuneError(str(exc)) from None
-    return PreparedSearch(config, layers, table, tuple(built.input_shape), limit, model_kwargs, allowed)
+    return PreparedSearch(config, layers, table, data_shape, limit, model_kwargs, allowed, cost_shape, facts)
 
 
 def new_search_id(searcher: str) -> str:
@@ -92,6 +130,9 @@ def _search_params(config: SearchConfig, prepared: PreparedSearch) -> dict:
         "min_bits": config.min_bits, "max_bits": config.max_bits,
         "bits": prepared.allowed.describe(), "fix_first_last": config.fixes_first_last,
         "finetune_epochs": config.finetune.epochs, "batch": prepared.table.batch,
+        "input_shape": _shape_text(prepared.input_shape), "cost_input_size": config.cost_input_size,
+        "priced_shape": _shape_text(prepared.priced_shape), "dataset_options": config.dataset_options or None,
+        "reference_weights": config.reference.weights,
     }
 
 
@@ -100,6 +141,25 @@ class _DropIncompleteTrials:
 
     def filter(self, record) -> bool:
         return not str(record.msg).startswith("Trials did not complete")
+
+
+def _shape_text(shape) -> str:
+    return "x".join(str(int(d)) for d in shape)
+
+
+def input_note(prepared: PreparedSearch) -> str:
+    """What the trials run and what the cost table prices (they differ only with cost_input_size)."""
+    note = f"trials run {_shape_text(prepared.input_shape)} inputs"
+    if prepared.cost_input_shape is not None:
+        return f"{note}, priced at {_shape_text(prepared.cost_input_shape)} (cost_input_size)"
+    return f"{note}, priced at the same shape"
+
+
+def uniform8_note(prepared: PreparedSearch) -> str:
+    """The uniform 8-bit policy's cost (what `haqtune cost ... --bits 8` prints for the priced shape)."""
+    latency_ms, energy_mj, size_mb = prepared.table.layer_costs(prepared.table.uniform(8))
+    return (f"uniform 8-bit latency_ms={latency_ms.sum():.6g} energy_mj={energy_mj.sum():.6g} "
+            f"size_mb={size_mb.sum():.6g}")
 
 
 def quiet_libraries() -> None:
@@ -188,7 +248,8 @@ def run(prepared: PreparedSearch, *, echo=print, search_id: str | None = None,
     started = time.time()
     echo(f"haqtune: {'resuming' if plan.resumed else 'search'} {plan.search_id}: {plan.config.searcher} on "
          f"{plan.config.model}/{plan.config.dataset}, {plan.config.hardware} (batch {prepared.table.batch}), "
-         f"budget {plan.config.budget}, {len(prepared.layers)} layers, {plan.config.num_trials} trials")
+         f"budget {plan.config.budget}, {len(prepared.layers)} layers, {plan.config.num_trials} trials; "
+         f"{input_note(prepared)}; {uniform8_note(prepared)}")
     _echo_bits(prepared, echo)
     context = build_reference(plan, prepared, echo)
     searcher = None if plan.resumed else build_searcher(plan, prepared, context)
@@ -232,26 +293,32 @@ def plan_search(prepared: PreparedSearch, *, search_id: str | None = None,
 
 
 def build_reference(plan: SearchPlan, prepared: PreparedSearch, echo):
-    """Train (or load from cache) the full-precision reference; the trials' context."""
+    """Train (or load from cache, or take pretrained) the full-precision reference; the trials' context."""
     from trainables import TrialContext
     from trainables.data import load_dataset
-    from trainables.training import pick_device, reference_key, train_reference
+    from trainables.training import pick_device, reference_cache_key, reference_model
 
     config = plan.config
-    data = load_dataset(config.dataset, root=config.data_root, input_size=config.input_size)
-    state, ref_acc, _ = train_reference(
+    data = load_dataset(config.dataset, root=config.data_root, input_size=config.input_size,
+                        options=config.dataset_options)
+    # Pretrained weights (reference.weights) are evaluated as they are; otherwise trained once.
+    state, ref_acc, _ = reference_model(
         lambda: build_model(config.model, seed=config.seed, **prepared.model_kwargs).model,
         data, config.reference, seed=config.seed, cache_dir=plan.storage / CACHE_DIR,
-        key=reference_key(model=config.model, dataset=config.dataset, **prepared.model_kwargs),
-        device=pick_device(config.gpus_per_trial))
-    echo(f"haqtune: full-precision reference val_acc={ref_acc:.4f}")
+        key=reference_cache_key(model=config.model, dataset=config.dataset, data=data,
+                                dataset_options=config.dataset_options, data_root=config.data_root,
+                                model_kwargs=prepared.model_kwargs),
+        device=pick_device(config.gpus_per_trial), model_name=config.model)
+    echo(f"haqtune: full-precision reference val_acc={ref_acc:.4f}"
+         f"{' (pretrained: ' + config.reference.weights + ', not retrained)' if config.reference.weights else ''}")
     return TrialContext(
         model=config.model, dataset=config.dataset, model_kwargs=prepared.model_kwargs,
         input_size=config.input_size, layer_names=tuple(s.name for s in prepared.layers),
         reference_state=state, ref_acc=ref_acc, table=prepared.table, budget=config.budget,
         finetune=config.finetune, seed=config.seed,
         min_bits=config.min_bits, max_bits=config.max_bits, data_root=config.data_root,
-        gpus_per_trial=config.gpus_per_trial, allowed=prepared.allowed)
+        gpus_per_trial=config.gpus_per_trial, allowed=prepared.allowed,
+        dataset_options=dict(config.dataset_options))
 
 
 def build_searcher(plan: SearchPlan, prepared: PreparedSearch, context):
@@ -433,7 +500,8 @@ def evaluate_best(results, plan: SearchPlan, context, frame, echo) -> list[dict]
     def evaluate_task(checkpoint):
         with checkpoint.as_directory() as directory:
             return evaluate_checkpoint(directory, dataset=config.dataset, data_root=config.data_root,
-                                       input_size=config.input_size, gpus=config.gpus_per_trial,
+                                       input_size=config.input_size, dataset_options=config.dataset_options,
+                                       gpus=config.gpus_per_trial,
                                        num_threads=max(1, int(config.cpus_per_trial)))
 
     evaluated = ray.get([evaluate_task.remote(checkpoints[row["trial_id"]]) for row in best])

@@ -26,16 +26,29 @@ def policy_keys(num_layers: int) -> list[str]:
     return [k for i in range(num_layers) for k in (w_key(i), a_key(i))]
 
 
-def bitwidth_space(num_layers: int, *, allowed: AllowedBits | None = None,
+def bitwidth_space(layers, *, allowed: AllowedBits | None = None,
                    min_bits: int = MIN_BITS, max_bits: int = MAX_BITS) -> dict:
     """Ray Tune ``param_space`` over the allowed widths (``allowed``, or [min_bits, max_bits]
     for every layer): ``tune.randint`` for a run of consecutive widths, ``tune.choice``
-    for any other set, the width itself for a layer with one choice (a fixed layer)."""
+    for any other set, the width itself for a layer with one choice (a fixed layer).
+
+    ``layers`` is the layer list from ``extract_layers`` (one ``w_i``/``a_i`` pair per
+    entry) or a layer count.
+    """
     from ray import tune
 
-    allowed = AllowedBits.resolve(num_layers, allowed, min_bits, max_bits)
+    if isinstance(layers, bool) or not isinstance(layers, int):
+        try:
+            layers = len(layers)
+        except TypeError:
+            raise TypeError(
+                f"layers: expected a layer list (extract_layers) or a layer count, got {type(layers).__name__}"
+            ) from None
+    if layers < 1:
+        raise ValueError(f"layers: expected at least one layer, got {layers}")
+    allowed = AllowedBits.resolve(layers, allowed, min_bits, max_bits)
     space = {}
-    for i in range(num_layers):
+    for i in range(layers):
         for key, widths in ((w_key(i), allowed.w[i]), (a_key(i), allowed.a[i])):
             if len(widths) == 1:
                 space[key] = widths[0]

@@ -83,14 +83,31 @@ def test_failed_trials_do_not_kill_the_search(tmp_path):
     (["search", "--num-trials", "0"], None, "num_trials: expected an integer >= 1"),
     (["search", "--hardware", "tpu"], None, "unknown hardware 'tpu'"),
     (["search", "--model", "user_models:no_layers"], None, "no quantizable layer"),
+    # real networks and data
+    (["search", "--model", "mobilenet_v2", "--dataset", "cifar10", "--weights", "missing.pt"], None,
+     "checkpoint 'missing.pt' not found"),
+    (["search", "--model", "mobilenet_v2", "--dataset", "cifar10", "--weights", "resnet18.pt"],
+     "checkpoint:resnet18", "does not fit model 'mobilenet_v2'"),
+    (["search", "--model", "mobilenet_v2", "--dataset", "cifar10", "--weights", "IMAGENET1K_V1"], None,
+     "not in the local torch cache"),  # TORCH_HOME is an empty directory: no download is tried
+    (["search", "bad.yaml"], "dataset_options: {classes: 4, train_per_class: 150}",
+     "expected at most 139 train + val images per class"),
+    (["search", "--model", "mobilenet_v2", "--dataset", "mnist"], None, "takes 3-channel images"),
 ])
 def test_bad_input_one_line_exit_2_nothing_written(tmp_path, args, setup, message):
-    if setup is not None:
+    if setup is not None and setup.startswith("checkpoint:"):  # a checkpoint of another architecture
+        import torch
+
+        from trainables.models import build_model
+
+        torch.save(build_model(setup.partition(":")[2], num_classes=10).model.state_dict(), tmp_path / "resnet18.pt")
+    elif setup is not None:
         (tmp_path / "bad.yaml").write_text(setup)
     import os
 
     env = {"PYTHONPATH": os.pathsep.join([str(__import__("pathlib").Path(__file__).parent),
-                                          os.environ.get("PYTHONPATH", "")])}
+                                          os.environ.get("PYTHONPATH", "")]),
+           "TORCH_HOME": str(tmp_path / "torch_home")}
     proc = run_cli(args, tmp_path, timeout=120, env=env)
     assert proc.returncode == 2, proc.stdout + proc.stderr
     lines = proc.stderr.strip().splitlines()
@@ -98,3 +115,4 @@ def test_bad_input_one_line_exit_2_nothing_written(tmp_path, args, setup, messag
     assert message in lines[0]
     assert "Traceback" not in proc.stderr
     assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "haqtune_runs").exists()
+    assert not (tmp_path / "data").exists() and not (tmp_path / "torch_home").exists()  # nothing downloaded

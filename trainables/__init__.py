@@ -1,6 +1,6 @@
 """Models, data, quantization and the Ray Tune trial function."""
 
-from .data import DataSplits, load_dataset
+from .data import DatasetOptions, DataSplits, load_dataset
 from .export import (
     IntegerQuantLayer,
     ModelIdentity,
@@ -11,9 +11,26 @@ from .export import (
     to_onnx,
     verify_onnx,
 )
-from .models import DEMO, BuiltModel, DemoNet, UnknownModelError, build_model
+from .models import (
+    DEMO,
+    BuiltModel,
+    DemoNet,
+    UnknownModelError,
+    WeightsError,
+    build_model,
+    load_weights,
+)
 from .quantize import QuantLayer, quantize_activation, quantize_model, quantize_weight
-from .training import DivergedError, TrainSettings, evaluate, pick_device, train, train_reference
+from .training import (
+    DivergedError,
+    ReferenceSettings,
+    TrainSettings,
+    evaluate,
+    pick_device,
+    reference_model,
+    train,
+    train_reference,
+)
 from .trial import (
     TrialContext,
     evaluate_checkpoint,
@@ -27,14 +44,17 @@ __all__ = [
     "DEMO",
     "BuiltModel",
     "DataSplits",
+    "DatasetOptions",
     "DemoNet",
     "DivergedError",
     "IntegerQuantLayer",
     "ModelIdentity",
     "QuantLayer",
+    "ReferenceSettings",
     "TrainSettings",
     "TrialContext",
     "UnknownModelError",
+    "WeightsError",
     "build_model",
     "evaluate",
     "evaluate_checkpoint",
@@ -43,6 +63,7 @@ __all__ = [
     "load_dataset",
     "load_quantized",
     "load_quantized_checkpoint",
+    "load_weights",
     "policy_report",
     "pick_device",
     "save_quantized",
@@ -53,6 +74,7 @@ __all__ = [
     "quantize_model",
     "quantize_weight",
     "quantize_and_finetune",
+    "reference_model",
     "train",
     "train_reference",
 ]

@@ -48,7 +48,7 @@ class SensitivityOracle:
     def _load(self):
         if self._loaded is None:
             ctx = self.context
-            data = _cached_dataset(ctx.dataset, ctx.data_root, ctx.input_size)
+            data = _cached_dataset(ctx.dataset, ctx.data_root, ctx.input_size, ctx.dataset_options)
             model = build_model(ctx.model, seed=ctx.seed, **ctx.model_kwargs).model
             model.load_state_dict(ctx.reference_state)
             model.to(self.device).eval()

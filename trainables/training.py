@@ -53,6 +53,20 @@ class TrainSettings:
             _check_number("max_steps_per_epoch", self.max_steps_per_epoch, integer=True, minimum=1)
 
 
+@dataclass(frozen=True)
+class ReferenceSettings(TrainSettings):
+    """The ``reference`` section: how the full-precision reference is trained, or
+    ``weights`` it starts from (a torchvision weights name or a checkpoint path); with
+    weights the reference is evaluated on the validation split, not retrained."""
+
+    weights: str | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.weights is not None and (not isinstance(self.weights, str) or not self.weights):
+            raise ValueError(f"weights: expected a torchvision weights name or a checkpoint path, got {self.weights!r}")
+
+
 def pick_device(gpus: float = 0) -> torch.device:
     """CUDA if this worker was given a GPU and CUDA works, else CPU; chosen once per trial."""
     if gpus > 0 and torch.cuda.is_available():
@@ -143,16 +157,41 @@ def reference_key(**payload) -> dict:
     return {**payload, "torch": torch.__version__.split("+")[0]}
 
 
+def reference_cache_key(*, model: str, dataset: str, data: DataSplits, dataset_options: dict,
+                        data_root: str, model_kwargs: dict) -> dict:
+    """Everything a reference model depends on besides its training settings, seed and
+    weights (``reference_model`` adds those): the model (with a content hash of a
+    ``module:callable``'s source file), the dataset, its subset options and fingerprint
+    (classes, files, split), the data root and the image size."""
+    from .models import model_source_hash
+
+    return reference_key(
+        model=model, model_source=model_source_hash(model), dataset=dataset,
+        dataset_options=dict(sorted((dataset_options or {}).items())), data_fingerprint=data.fingerprint,
+        data_root=os.path.abspath(data_root), input_shape=list(data.input_shape),
+        **{k: v for k, v in sorted(model_kwargs.items())})
+
+
+def _load_cached(path: Path | None, payload: dict):
+    if path is None or not path.exists():
+        return None
+    cached = torch.load(path, map_location="cpu", weights_only=True)
+    # The file name is a 64-bit hash of the key; the stored key settles any collision.
+    return cached if cached.get("key") == payload else None
+
+
 def train_reference(build, data: DataSplits, settings: TrainSettings, *, seed: int,
                     cache_dir: Path | None, key: dict, device: torch.device):
     """The full-precision reference model: trained once per key, cached by content hash.
 
     Returns ``(state_dict, val_acc, cache_path)``; ``build()`` makes the untrained model.
+    Cache entries are written atomically and read with ``weights_only=True``.
     """
-    payload = {**key, "settings": asdict(settings), "seed": seed}
+    settings_dict = {k: v for k, v in asdict(settings).items() if k != "weights"}
+    payload = {**key, "settings": settings_dict, "seed": seed}
     path = Path(cache_dir) / f"reference-{content_hash(payload)}.pt" if cache_dir else None
-    if path is not None and path.exists():
-        cached = torch.load(path, map_location="cpu", weights_only=True)
+    cached = _load_cached(path, payload)
+    if cached is not None:
         return cached["state_dict"], float(cached["val_acc"]), path
     model = build()
     val_acc = train(model, data, settings, seed=seed, device=device)
@@ -160,3 +199,41 @@ def train_reference(build, data: DataSplits, settings: TrainSettings, *, seed: i
     if path is not None:
         atomic_torch_save({"state_dict": state, "val_acc": val_acc, "key": payload}, path)
     return state, val_acc, path
+
+
+def pretrained_reference(build, data: DataSplits, weights, *, cache_dir: Path | None, key: dict,
+                         device: torch.device, model_name: str):
+    """A pretrained reference (``models.Weights``): loaded into ``build()``, evaluated on the
+    validation split, not trained. The evaluation is cached by key and weights identity
+    (a checkpoint's content hash), so an edited checkpoint is evaluated again.
+
+    Returns ``(state_dict, val_acc, cache_path)``.
+    """
+    from .models import apply_weights
+
+    payload = {**key, "weights": {"source": weights.source, "identity": weights.identity}}
+    path = Path(cache_dir) / f"reference-{content_hash(payload)}.pt" if cache_dir else None
+    cached = _load_cached(path, payload)
+    if cached is not None:
+        return cached["state_dict"], float(cached["val_acc"]), path
+    model = build()
+    apply_weights(model, weights, model_name)
+    model.to(device)
+    val_acc = evaluate(model, data.val, device=device)
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    if path is not None:
+        atomic_torch_save({"state_dict": state, "val_acc": val_acc, "key": payload}, path)
+    return state, val_acc, path
+
+
+def reference_model(build, data: DataSplits, settings: TrainSettings, *, seed: int, cache_dir: Path | None,
+                    key: dict, device: torch.device, model_name: str):
+    """The reference of a search: ``settings.weights`` evaluated as is when given (a
+    ``ReferenceSettings``), else trained from scratch. Returns ``(state_dict, val_acc, cache_path)``."""
+    weights = getattr(settings, "weights", None)
+    if weights is None:
+        return train_reference(build, data, settings, seed=seed, cache_dir=cache_dir, key=key, device=device)
+    from .models import load_weights
+
+    return pretrained_reference(build, data, load_weights(model_name, weights), cache_dir=cache_dir,
+                                key=key, device=device, model_name=model_name)

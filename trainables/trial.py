@@ -57,9 +57,9 @@ from hardware import CostTable
 from search_spaces import AllowedBits, Budget, format_policy, policy_from_config, project
 from search_spaces import metrics as M
 
-from .data import DataSplits, load_dataset
+from .data import DataSplits, calibration_batches, load_dataset
 from .models import build_model
-from .quantize import quantize_model
+from .quantize import CALIBRATION_BATCH_SIZE, quantize_model
 from .training import (
     TrainSettings,
     evaluate,
@@ -99,6 +99,7 @@ class TrialContext:
     gpus_per_trial: float = 0.0
     extra: dict = field(default_factory=dict)
     allowed: AllowedBits | None = None  # per-layer widths (bit sets, fixed layers); None = [min_bits, max_bits]
+    dataset_options: dict = field(default_factory=dict)  # HAQ-style subset (DatasetOptions fields)
 
     def project(self, policy) -> np.ndarray:
         """The policy the trial evaluates: the search's allowed widths, inside the budget."""
@@ -107,10 +108,14 @@ class TrialContext:
         return project(policy, self.table, self.budget, min_bits=self.min_bits, max_bits=self.max_bits)
 
 
-@functools.lru_cache(maxsize=2)
-def _cached_dataset(name: str, root: str, input_size: int | None) -> DataSplits:
+def _cached_dataset(name: str, root: str, input_size: int | None, options: dict | None = None) -> DataSplits:
     # Reused actors and the driver load each dataset once per process.
-    return load_dataset(name, root=root, input_size=input_size)
+    return _load_once(name, root, input_size, tuple(sorted((options or {}).items())))
+
+
+@functools.lru_cache(maxsize=2)
+def _load_once(name: str, root: str, input_size: int | None, options: tuple) -> DataSplits:
+    return load_dataset(name, root=root, input_size=input_size, options=dict(options))
 
 
 def policy_seed(seed: int, policy: np.ndarray) -> int:
@@ -132,7 +137,7 @@ def finetune_policy(context: TrialContext, policy: np.ndarray, *, on_epoch=None)
     when ``epochs == 0``). Returns ``(model, data, device, val_acc)``.
     """
     device = pick_device(context.gpus_per_trial)
-    data = _cached_dataset(context.dataset, context.data_root, context.input_size)
+    data = _cached_dataset(context.dataset, context.data_root, context.input_size, context.dataset_options)
     built = build_model(context.model, seed=context.seed, **context.model_kwargs)
     model = built.model
     model.load_state_dict(context.reference_state)
@@ -140,7 +145,8 @@ def finetune_policy(context: TrialContext, policy: np.ndarray, *, on_epoch=None)
     seed = policy_seed(context.seed, policy)
     generator = torch.Generator().manual_seed(seed)
     calib_idx = torch.randperm(len(data.train), generator=generator)[:CALIBRATION_SAMPLES]
-    calib = torch.stack([data.train[int(i)][0] for i in calib_idx]).to(device)
+    # Streamed a batch at a time: calibration memory does not grow with the sample count.
+    calib = calibration_batches(data.train, calib_idx, CALIBRATION_BATCH_SIZE, device=device)
     qmodel = quantize_model(model, context.layer_names, policy, calib)
     settings = context.finetune
     val_acc = evaluate(qmodel, data.val, device=device)
@@ -238,13 +244,14 @@ def load_quantized_checkpoint(directory) -> tuple[torch.nn.Module, dict]:
 
 
 def evaluate_checkpoint(directory, *, dataset: str, data_root: str, input_size: int | None,
-                        gpus: float = 0.0, num_threads: int = 1) -> dict:
+                        dataset_options: dict | None = None, gpus: float = 0.0,
+                        num_threads: int = 1) -> dict:
     """Validation and test accuracy of the model in a trial checkpoint (the final report)."""
     torch.set_num_threads(max(1, int(num_threads)))
     model, saved = load_quantized_checkpoint(directory)
     device = pick_device(gpus)
     model.to(device)
-    data = _cached_dataset(dataset, data_root, input_size)
+    data = _cached_dataset(dataset, data_root, input_size, dataset_options)
     return {"checkpoint_val_acc": evaluate(model, data.val, device=device),
             M.TEST_ACC: evaluate(model, data.test, device=device), "metrics": saved["metrics"]}
 
