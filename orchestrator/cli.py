@@ -77,7 +77,8 @@ def _attach_optional_commands() -> None:
     # Commands living in their own modules; attached here so `haqtune --help` lists them.
     import importlib
 
-    for module, names in (("cost_cli", ("hardware", "cost")), ("report_cli", ("compare", "ui"))):
+    for module, names in (("cost_cli", ("hardware", "cost")), ("report_cli", ("compare", "ui")),
+                          ("generate_cli", ("generate",))):
         try:
             mod = importlib.import_module(f"{__package__}.{module}")
         except ModuleNotFoundError:  # not written yet in this checkout

@@ -355,6 +355,12 @@ def summarize(results, context, config: SearchConfig, tracker, search_id: str, s
     }
     if "pareto_front" in summary:
         artifacts["pareto_front.json"] = json.dumps(summary["pareto_front"], indent=1)
+    # Files the searcher left for the record (aqgan: its generator), see SEARCHER_ARTIFACTS_DIR.
+    from orchestrator.searchers import SEARCHER_ARTIFACTS_DIR
+
+    searcher_dir = Path(config.storage_dir).resolve() / search_id / SEARCHER_ARTIFACTS_DIR
+    if searcher_dir.is_dir():
+        artifacts.update({p.name: p.read_bytes() for p in sorted(searcher_dir.iterdir()) if p.is_file()})
     try:
         from .report import search_artifacts
 

@@ -297,8 +297,11 @@ class AQGANSearcher(SearchPropertiesMixin, Searcher):
     # -- checkpointing -------------------------------------------------------------------
 
     def _state(self) -> dict:
-        stack = (lambda ps: torch.from_numpy(np.stack(ps)) if ps else
-                 torch.zeros((0, self.problem.num_layers, 2), dtype=torch.int64))
+        def stack(policies: list) -> torch.Tensor:
+            if not policies:
+                return torch.zeros((0, self.problem.num_layers, 2), dtype=torch.int64)
+            return torch.from_numpy(np.stack(policies))
+
         return {
             "version": _CHECKPOINT_VERSION,
             "options": {**asdict(self.options), "history": ()},  # history is in the data already
@@ -372,3 +375,25 @@ def policy_costs(problem: SearchProblem, policies: np.ndarray) -> np.ndarray:
         return policies.reshape(len(policies), -1).mean(axis=1).astype(np.float64)
     return np.asarray(getattr(problem.table.evaluate(policies), problem.cost_metric), dtype=np.float64)
 
+
+
+def generate_policies(model: AQGAN, problem: SearchProblem, target_acc: float, num: int, *,
+                      pool: int = 256) -> list[dict]:
+    """``haqtune generate``'s selection: ``pool`` policies sampled at ``target_acc``, projected
+    to ``problem``'s budget (any hardware: its table), deduplicated, re-scored by the
+    regression head; the ``num`` predicted closest to the target (ties: cheapest first).
+
+    Each row: ``policy`` ``[L, 2]``, ``predicted`` val_acc, ``cost`` (``cost_metric``),
+    ``as_generated`` (True when the sample was inside the budget before projection: the
+    paper's filter; False when the projection changed it).
+    """
+    if not 0 < num <= pool:
+        raise ValueError(f"num: expected 1 <= num <= pool ({pool}), got {num}")
+    raw = np.unique(model.generate(pool, target_acc), axis=0)
+    raw_keys = {_policy_key(p) for p in raw}
+    projected = project_many(problem, raw)
+    predicted = model.predict(projected)
+    cost = policy_costs(problem, projected)
+    order = np.lexsort((cost, np.abs(predicted - target_acc)))[:num]
+    return [{"policy": projected[i], "predicted": float(predicted[i]), "cost": float(cost[i]),
+             "as_generated": _policy_key(projected[i]) in raw_keys} for i in order]
