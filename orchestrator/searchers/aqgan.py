@@ -147,6 +147,8 @@ class AQGANSearcher(SearchPropertiesMixin, Searcher):
         self._setup(search, gan)
         for policy, acc in history:
             self._add_data(self._parse_history_policy(policy), acc)
+        if len(self.accs) >= self.warmup:  # enough history: no warm-up trials at all
+            self.train()
 
     def _parse_history_policy(self, policy) -> np.ndarray:
         pol = parse_policy(policy) if isinstance(policy, str) else np.asarray(policy, dtype=np.int64)
