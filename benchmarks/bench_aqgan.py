@@ -28,8 +28,12 @@ and (2) about two orders of magnitude lower search cost per design point. Protoc
 Surrogate: ``SurrogateObjective`` (seeded additive penalties; deterministic) on
 MobileNetV2 priced by bismo-cloud, history under latency=0.5, new design points on
 bismo-edge latency=0.5. Demo: the real trial (``finetune_policy``: quantize, 2-epoch
-fine-tune on digits, val split) in-process, history under bitfusion energy=0.5 (the
-acceptance search), new design points on bismo-edge latency=0.5.
+fine-tune on digits, val split) in-process; the history and the generator are those of
+the newest ``aqgan`` search in ``--experiment`` (the acceptance search: ``haqtune search
+--searcher aqgan --num-trials 40 --hardware bitfusion --budget energy=0.5``, run from the
+same directory so its cached reference model is reused), new design points on
+bismo-edge latency=0.5. Real fine-tunes are slow on a shared CPU: ``--per-target``
+lowers the policies per target.
 """
 
 from __future__ import annotations
@@ -92,7 +96,7 @@ def spearman(x, y) -> float:
     return float(spearmanr(x, y).statistic)
 
 
-def ridge_baseline(problem: SearchProblem, history_p, history_a, targets, rng) -> list[np.ndarray]:
+def ridge_baseline(problem: SearchProblem, history_p, history_a, targets, rng, per_target: int) -> list[np.ndarray]:
     from sklearn.linear_model import Ridge
 
     lo, hi = problem.min_bits, problem.max_bits
@@ -108,11 +112,12 @@ def ridge_baseline(problem: SearchProblem, history_p, history_a, targets, rng) -
         pool = rng.integers(lo, hi + 1, size=(POOL, problem.num_layers, 2))
         pool = project_many(problem, pool)
         pred = reg.predict(onehot(pool))
-        out.append(pool[np.argsort(np.abs(pred - target), kind="stable")[:PER_TARGET]])
+        out.append(pool[np.argsort(np.abs(pred - target), kind="stable")[:per_target]])
     return out
 
 
-def target_error(name: str, problem: SearchProblem, searcher, evaluate, history_p, history_a, seed: int) -> dict:
+def target_error(name: str, problem: SearchProblem, searcher, evaluate, history_p, history_a, seed: int, *,
+                 per_target: int = PER_TARGET) -> dict:
     """Step 2 of the protocol; prints the table rows and returns the summary numbers."""
     accs = np.array(history_a)
     targets = [float(np.percentile(accs, q)) for q in PERCENTILES]
@@ -121,16 +126,20 @@ def target_error(name: str, problem: SearchProblem, searcher, evaluate, history_
     model.torch_rng.manual_seed(seed)
     methods = {
         "aqgan (generate + project + re-score)": [
-            np.stack([r["policy"] for r in generate_policies(model, problem, t, PER_TARGET, pool=POOL)])
+            np.stack([r["policy"] for r in generate_policies(model, problem, t, per_target, pool=POOL)])
+            for t in targets],
+        "aqgan, measured accuracy for known policies": [
+            np.stack([r["policy"] for r in generate_policies(
+                model, problem, t, per_target, pool=POOL, measured=(np.stack(history_p), np.array(history_a)))])
             for t in targets],
         "aqgan generator only (first samples, projected)": [
-            np.stack([problem.project(p) for p in model.generate(PER_TARGET, t)]) for t in targets],
+            np.stack([problem.project(p) for p in model.generate(per_target, t)]) for t in targets],
         "ridge on one-hot bits (random pool)": ridge_baseline(
-            problem, history_p, history_a, targets, np.random.default_rng(seed)),
+            problem, history_p, history_a, targets, np.random.default_rng(seed), per_target),
     }
     print(f"\n#### {name}: target error ({len(history_p)}-trial aqgan history, val_acc "
           f"{accs.min():.4f}..{accs.max():.4f}; targets = percentiles {PERCENTILES} = "
-          + ", ".join(f"{t:.4f}" for t in targets) + f"; {PER_TARGET} policies each)\n")
+          + ", ".join(f"{t:.4f}" for t in targets) + f"; {per_target} policies each)\n")
     print("| method | mean abs(achieved - target) (pp) | per target (pp) | Spearman | unique | copies of training |")
     print("|---|---:|---|---:|---:|---:|")
     out = {}
@@ -244,21 +253,32 @@ def surrogate_part(quick: bool) -> None:
                               tpe_seeds=range(1 if quick else 3), history_trials=HISTORY_TRIALS)
 
 
-def demo_part(quick: bool) -> None:
+def demo_part(quick: bool, experiment: str, tracking_uri: str | None, per_target: int) -> None:
+    """The demo, on the generator of the newest ``aqgan`` search in ``experiment`` (run the
+    acceptance search first, from the same directory: its reference model is reused)."""
+    import tempfile
+
     from orchestrator.config import SearchConfig
-    from orchestrator.search import CACHE_DIR, prepare
+    from orchestrator.search import CACHE_DIR, CONFIG_FILE, prepare
+    from orchestrator.searchers.aqgan import GENERATOR_FILE, load_generator
+    from orchestrator.tracking import download_search_artifacts, resolve_tracking_uri
     from trainables import TrialContext
     from trainables.data import load_dataset
     from trainables.training import pick_device, reference_key, train_reference
     from trainables.trial import finetune_policy
 
-    base = SearchConfig(searcher="aqgan", hardware="bitfusion", budget=Budget.parse("energy=0.5"))
+    with tempfile.TemporaryDirectory() as tmp:
+        source = download_search_artifacts(resolve_tracking_uri(tracking_uri), experiment, "aqgan",
+                                           (GENERATOR_FILE, CONFIG_FILE), Path(tmp))
+        model, exported = load_generator(source["files"][GENERATOR_FILE])
+        base = SearchConfig.from_yaml(source["files"][CONFIG_FILE])
     prepared_a = prepare(base)
-    prepared_b = prepare(base.replace(hardware="bismo-edge", budget="latency=0.5"))
+    prepared_b = prepare(base.replace(hardware="bismo-edge", hardware_options={}, batch=None,
+                                      budget="latency=0.5"))
     data = load_dataset(base.dataset, root=base.data_root)
     state, ref_acc, _ = train_reference(
         lambda: build_model(base.model, seed=base.seed, **prepared_a.model_kwargs).model, data,
-        base.reference, seed=base.seed, cache_dir=Path("haqtune_runs") / CACHE_DIR,
+        base.reference, seed=base.seed, cache_dir=Path(base.storage_dir) / CACHE_DIR,
         key=reference_key(model=base.model, dataset=base.dataset, **prepared_a.model_kwargs),
         device=pick_device(0))
     contexts = {}
@@ -268,15 +288,17 @@ def demo_part(quick: bool) -> None:
             model=cfg.model, dataset=cfg.dataset, model_kwargs=prepared.model_kwargs, input_size=None,
             layer_names=tuple(s.name for s in prepared.layers), reference_state=state, ref_acc=ref_acc,
             table=prepared.table, budget=cfg.budget, finetune=cfg.finetune, seed=cfg.seed,
-            data_root=str(Path(cfg.data_root).resolve()))
-    cache: dict[tuple, float] = {}
+            min_bits=cfg.min_bits, max_bits=cfg.max_bits, data_root=str(Path(cfg.data_root).resolve()))
+    # A trial is deterministic per projected policy (its fine-tune seed is the policy's hash),
+    # and accuracy does not depend on the hardware: one cache serves both budgets.
+    cache: dict[bytes, float] = {}
     counter = {"evals": 0, "seconds": 0.0}
 
     def evaluator(ctx):
         def evaluate(policy):
             projected = ctx.project(policy)
             key = projected.astype(np.int8).tobytes()
-            if key not in cache:  # a trial is deterministic per policy: never train it twice
+            if key not in cache:
                 t0 = time.perf_counter()
                 cache[key] = float(finetune_policy(ctx, projected)[3])
                 counter["evals"] += 1
@@ -285,22 +307,25 @@ def demo_part(quick: bool) -> None:
         return evaluate
 
     evaluate_a, evaluate_b = evaluator(contexts["a"]), evaluator(contexts["b"])
+    hist_p = list(exported["policies"].numpy())
+    hist_a = [float(a) for a in exported["accs"].numpy()]
+    for p, a in zip(hist_p, hist_a, strict=True):
+        cache[p.astype(np.int8).tobytes()] = a
     layers = prepared_a.layers
     problem = SearchProblem(layers=layers, table=prepared_a.table, budget=base.budget, seed=base.seed,
-                            num_trials=HISTORY_TRIALS)
-    searcher = make_searcher("aqgan", problem)
-    t0 = time.perf_counter()
-    hist_p, hist_a = drive(searcher, evaluate_a, HISTORY_TRIALS)
-    print(f"\n### Demo: DemoNet ({len(layers)} layers) on digits, reference val_acc {ref_acc:.4f}; history on "
-          f"bitfusion energy=0.5, new design points on bismo-edge latency=0.5\n\nhistory search: "
-          f"{time.perf_counter() - t0:.0f} s, best val_acc {max(hist_a):.4f}")
-    target_error("demo", problem, searcher, evaluate_a, hist_p, hist_a, base.seed)
+                            min_bits=model.min_bits, max_bits=model.max_bits,
+                            cost_metric=base.budget.metric)
+    print(f"\n### Demo: DemoNet ({len(layers)} layers) on digits, reference val_acc {ref_acc:.4f}; generator of "
+          f"search {source['search_id']} ({base.hardware} {base.budget}, {len(hist_a)} trials, best "
+          f"{max(hist_a):.4f}); new design points on bismo-edge latency=0.5")
+    holder = type("Holder", (), {"model": model})()
+    target_error("demo", problem, holder, evaluate_a, hist_p, hist_a, base.seed, per_target=per_target)
     problem_b = SearchProblem(layers=layers, table=prepared_b.table, budget=prepared_b.config.budget,
-                              seed=base.seed)
-    targets = [float(np.percentile(hist_a, q)) for q in (50, 90)]
-    cost_per_design_point("demo", searcher.model, problem_b, evaluate_b, targets,
-                          tpe_seeds=range(1 if quick else 2), history_trials=HISTORY_TRIALS,
-                          tpe_cap=DEMO_TPE_CAP)
+                              seed=base.seed, min_bits=model.min_bits, max_bits=model.max_bits,
+                              cost_metric=M.LATENCY_MS)
+    targets = [float(np.percentile(hist_a, q)) for q in ((90,) if quick else (50, 90))]
+    cost_per_design_point("demo", model, problem_b, evaluate_b, targets, tpe_seeds=range(1),
+                          history_trials=len(hist_a), tpe_cap=DEMO_TPE_CAP)
     print(f"\n(demo: {counter['evals']} real fine-tunes, {counter['seconds']:.0f} s)")
 
 
@@ -308,6 +333,9 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--part", choices=("surrogate", "demo", "speed", "all"), default="all")
     parser.add_argument("--quick", action="store_true", help="one seed: a smoke run")
+    parser.add_argument("--experiment", default="haqtune", help="demo: MLflow experiment of the aqgan search")
+    parser.add_argument("--tracking-uri", help="demo: MLflow store (default sqlite:///mlflow.db)")
+    parser.add_argument("--per-target", type=int, default=PER_TARGET, help="policies per target")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     import optuna
@@ -318,7 +346,7 @@ def main(argv=None) -> None:
     if args.part in ("surrogate", "all"):
         surrogate_part(args.quick)
     if args.part in ("demo", "all"):
-        demo_part(args.quick)
+        demo_part(args.quick, args.experiment, args.tracking_uri, args.per_target)
 
 
 if __name__ == "__main__":

@@ -83,7 +83,8 @@ def generate(experiment, target_acc, num, hardware, budget, output, evaluate, se
     problem = SearchProblem(layers=prepared.layers, table=prepared.table, budget=config.budget,
                             min_bits=model.min_bits, max_bits=model.max_bits, cost_metric=cost_metric,
                             seed=seed)
-    rows = generate_policies(model, problem, target_acc, num, pool=max(256, POOL_PER_POLICY * num))
+    rows = generate_policies(model, problem, target_acc, num, pool=max(256, POOL_PER_POLICY * num),
+                             measured=(exported["policies"].numpy(), exported["accs"].numpy()))
     reference = _reference(prepared)
     for row in rows:
         row.update(policy_costs(prepared.table, row["policy"]))
@@ -111,7 +112,8 @@ def _plain(row: dict, val_acc: float | None) -> dict:
     from search_spaces import metrics as M
 
     out = {M.POLICY: format_policy(row["policy"]), "predicted_val_acc": row["predicted"],
-           **{k: row[k] for k in M.COST_METRICS}, "as_generated": row["as_generated"]}
+           **{k: row[k] for k in M.COST_METRICS}, "as_generated": row["as_generated"],
+           "measured_by_search": row["measured"]}
     if val_acc is not None:
         out[M.VAL_ACC] = val_acc
     return out
@@ -127,7 +129,7 @@ def format_generated(rows: list[dict], reference: dict, measured: list | None = 
     for i, r in enumerate(rows):
         ratio = "/".join(f"{reference[k] / r[k]:.2f}x" if r[k] > 0 else "-" for k in M.COST_METRICS)
         acc = f"{measured[i]:>7.4f}  " if measured else ""
-        origin = "generated" if r["as_generated"] else "projected"
+        origin = "measured" if r["measured"] else "generated" if r["as_generated"] else "projected"
         lines.append(f"{i + 1:>4}  {r['predicted']:>9.4f}  {acc}{r[M.LATENCY_MS]:>10.4g}  "
                      f"{r[M.ENERGY_MJ]:>10.4g}  {r[M.SIZE_MB]:>8.4g}  {ratio:>22}  {origin:<9}  "
                      f"{format_policy(r['policy'])}")

@@ -178,6 +178,16 @@ def test_exported_generator_reloads_and_serves_another_budget(tmp_path):
     gaps = [abs(r["predicted"] - target) for r in rows]
     assert gaps == sorted(gaps)
     assert len({r["policy"].tobytes() for r in rows}) == len(rows)
+    # Known policies are ranked by their measured accuracy, not the estimate: measured
+    # exactly at the target, the last two candidates of a draw come first in the same draw.
+    model.torch_rng.manual_seed(11)
+    rows = generate_policies(model, other, target, 5, pool=128)
+    known = np.stack([r["policy"] for r in rows[-2:]])
+    model.torch_rng.manual_seed(11)
+    again = generate_policies(model, other, target, 5, pool=128, measured=(known, np.full(2, target)))
+    assert [r["measured"] for r in again] == [True, True, False, False, False]
+    assert {r["policy"].tobytes() for r in again[:2]} == {p.tobytes() for p in known}
+    assert all(r["predicted"] == target for r in again[:2])
     with pytest.raises(ValueError, match="expected an aqgan generator"):
         torch.save({"version": 99}, tmp_path / "bad.pt")
         load_generator(tmp_path / "bad.pt")

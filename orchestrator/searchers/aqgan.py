@@ -380,14 +380,18 @@ def policy_costs(problem: SearchProblem, policies: np.ndarray) -> np.ndarray:
 
 
 def generate_policies(model: AQGAN, problem: SearchProblem, target_acc: float, num: int, *,
-                      pool: int = 256) -> list[dict]:
+                      pool: int = 256, measured: tuple[np.ndarray, np.ndarray] | None = None) -> list[dict]:
     """``haqtune generate``'s selection: ``pool`` policies sampled at ``target_acc``, projected
     to ``problem``'s budget (any hardware: its table), deduplicated, re-scored by the
     regression head; the ``num`` predicted closest to the target (ties: cheapest first).
+    ``measured`` = (policies ``[M, L, 2]``, val_acc ``[M]``) already evaluated (the
+    generator's training data): a candidate among them is scored by its measured
+    accuracy instead of the estimate (trials are deterministic per policy).
 
     Each row: ``policy`` ``[L, 2]``, ``predicted`` val_acc, ``cost`` (``cost_metric``),
     ``as_generated`` (True when the sample was inside the budget before projection: the
-    paper's filter; False when the projection changed it).
+    paper's filter; False when the projection changed it), ``measured`` (True when
+    ``predicted`` is a measurement).
     """
     if not 0 < num <= pool:
         raise ValueError(f"num: expected 1 <= num <= pool ({pool}), got {num}")
@@ -395,7 +399,13 @@ def generate_policies(model: AQGAN, problem: SearchProblem, target_acc: float, n
     raw_keys = {_policy_key(p) for p in raw}
     projected = project_many(problem, raw)
     predicted = model.predict(projected)
+    known = {} if measured is None else {
+        _policy_key(p): float(a) for p, a in zip(measured[0], measured[1], strict=True)}
+    is_known = np.array([_policy_key(p) in known for p in projected], dtype=bool)
+    for i in np.flatnonzero(is_known):
+        predicted[i] = known[_policy_key(projected[i])]
     cost = policy_costs(problem, projected)
     order = np.lexsort((cost, np.abs(predicted - target_acc)))[:num]
     return [{"policy": projected[i], "predicted": float(predicted[i]), "cost": float(cost[i]),
-             "as_generated": _policy_key(projected[i]) in raw_keys} for i in order]
+             "as_generated": _policy_key(projected[i]) in raw_keys, "measured": bool(is_known[i])}
+            for i in order]
