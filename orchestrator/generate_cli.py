@@ -205,6 +205,7 @@ def evaluate_policies(prepared, rows: list[dict], target_acc: float, source_sear
         params={"searcher": GENERATE_SEARCHER, "source_search_id": source_search_id, TARGET_ACC: target_acc,
                 "hardware": config.hardware, "budget": str(config.budget), "model": config.model,
                 "dataset": config.dataset, "num_trials": len(rows), "num_layers": len(prepared.layers),
+                "seed": config.seed, "min_bits": config.min_bits, "max_bits": config.max_bits,
                 "finetune_epochs": config.finetune.epochs, "batch": prepared.table.batch},
         trial_params={TARGET_ACC: target_acc})
     tracker.start()

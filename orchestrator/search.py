@@ -214,7 +214,10 @@ def run(prepared: PreparedSearch, *, echo=print, search_id: str | None = None,
         max_bits=config.max_bits, cost_metric=config.budget.metric if config.budget else M.LATENCY_MS,
         seed=config.seed, num_trials=config.num_trials, max_concurrent=config.max_concurrent,
         extra={"ref_acc": ref_acc}, accuracy_oracle=_accuracy_oracle(config, context))
-    searcher = make_searcher(config.searcher, problem, **config.searcher_options)
+    options = dict(config.searcher_options)
+    if options.pop(HISTORY_OPTION, False):  # seed the searcher from earlier searches' trials
+        options["history"] = experiment_history(config, prepared, echo)
+    searcher = make_searcher(config.searcher, problem, **options)
 
     tracker = MlflowTracker(
         tracking_uri=resolve_tracking_uri(config.tracking_uri), experiment=config.experiment,
@@ -257,6 +260,23 @@ def run(prepared: PreparedSearch, *, echo=print, search_id: str | None = None,
     summary = summarize(results, context, config, tracker, search_id, started, echo, prepared.layers)
     tracker.end("FINISHED")
     return summary
+
+
+# ``searcher_options`` flag: pass the finished trials of earlier searches of the same network,
+# data, fine-tune and bit range (any searcher, any hardware) as the searcher's ``history``.
+HISTORY_OPTION = "history_from_experiment"
+HISTORY_MATCH = ("model", "dataset", "num_layers", "min_bits", "max_bits", "finetune_epochs", "seed")
+
+
+def experiment_history(config: SearchConfig, prepared: PreparedSearch, echo) -> list[tuple[str, float]]:
+    from .tracking import load_trial_history, resolve_tracking_uri
+
+    params = _search_params(config, prepared)
+    history = load_trial_history(resolve_tracking_uri(config.tracking_uri), config.experiment,
+                                 {k: params[k] for k in HISTORY_MATCH})
+    echo(f"haqtune: {len(history)} finished trials of earlier searches in experiment "
+         f"{config.experiment!r} seed the searcher")
+    return history
 
 
 # Searchers that measure per-layer sensitivity through ``SearchProblem.accuracy_oracle``.

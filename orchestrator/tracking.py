@@ -721,3 +721,22 @@ def download_search_artifacts(uri: str, experiment: str, searcher: str, names: t
     which = f"search {search_id!r}" if search_id else f"finished {searcher!r} search"
     raise HaqtuneError(f"experiment {experiment!r} in {uri} has no {which} with {', '.join(names)}: "
                        f"run `haqtune search --searcher {searcher} --experiment {experiment}` first")
+
+
+def load_trial_history(uri: str, experiment: str, match: dict) -> list[tuple[str, float]]:
+    """(policy, val_acc) of every finished trial of the searches in ``experiment`` whose
+    parent-run params equal ``match`` (compared as text), whatever their searcher and
+    hardware: what an ``aqgan`` search is seeded from (``history_from_experiment``).
+    An experiment (or sqlite store) that does not exist yet has no history: ``[]``."""
+    try:
+        _, parents, children = load_searches(uri, experiment)
+    except HaqtuneError as exc:
+        if "unknown experiment" in str(exc) or "no MLflow store" in str(exc):
+            return []
+        raise
+    wanted = {k: str(v) for k, v in match.items()}
+    chosen = {p["run_id"] for p in parents
+              if all(p["params"].get(k) == v for k, v in wanted.items())}
+    return [(c["params"][M.POLICY], float(c["metrics"][M.VAL_ACC])) for c in children
+            if c["parent_run_id"] in chosen and c["status"] == "FINISHED"
+            and M.POLICY in c["params"] and M.VAL_ACC in c["metrics"]]

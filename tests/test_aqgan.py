@@ -201,6 +201,38 @@ def test_project_many_equals_project_one_by_one():
     np.testing.assert_array_equal(project_many(problem, raw), expected)
 
 
+def test_history_from_an_mlflow_experiment(tmp_path, tmp_path_factory, monkeypatch):
+    from test_tracking import FakeTrial, empty_store, report
+
+    from orchestrator.tracking import MlflowTracker, load_trial_history
+
+    monkeypatch.chdir(tmp_path)
+    uri = empty_store(tmp_path_factory, tmp_path / "mlflow.db")
+    base = {"model": "demo", "dataset": "digits", "num_layers": 3, "min_bits": 1, "max_bits": 8,
+            "finetune_epochs": 2, "seed": 0}
+    searches = (("tpe-a", "tpe", {**base, "hardware": "bismo-edge"}, ["8/8 4/4 2/2", "6/6 6/6 6/6"]),
+                ("haq-b", "haq", {**base, "hardware": "bitfusion"}, ["3/3 3/3 3/3"]),
+                ("tpe-c", "tpe", {**base, "finetune_epochs": 5}, ["1/1 1/1 1/1"]))  # other fine-tune
+    for search_id, searcher, params, policies in searches:
+        tracker = MlflowTracker(tracking_uri=uri, experiment="hist", search_id=search_id, searcher=searcher,
+                                search_dir=tmp_path / search_id, params=params)
+        tracker.start()
+        for i, policy in enumerate(policies):
+            trial = FakeTrial(f"{search_id}-{i}")
+            tracker.on_trial_start(0, [], trial)
+            trial.last_result = report(0.5 + 0.1 * i, 1, final=True, policy=policy)
+            tracker.on_trial_result(0, [], trial, trial.last_result)
+            tracker.on_trial_complete(0, [], trial)
+        failed = FakeTrial(f"{search_id}-failed")
+        tracker.on_trial_start(0, [], failed)
+        tracker.on_trial_error(0, [], failed)
+        tracker.end()
+    history = load_trial_history(uri, "hist", base)
+    assert sorted(history) == [("3/3 3/3 3/3", 0.5), ("6/6 6/6 6/6", 0.6), ("8/8 4/4 2/2", 0.5)]
+    assert load_trial_history(uri, "no-such-experiment", base) == []
+    assert load_trial_history(f"sqlite:///{tmp_path / 'missing.db'}", "hist", base) == []
+
+
 # ---- end to end: the real CLI, Ray Tune, MLflow ---------------------------------------------
 
 
@@ -210,9 +242,11 @@ def test_search_then_generate_evaluate(tmp_path):
 
     (tmp_path / "aq.yaml").write_text(
         "searcher: aqgan\nnum_trials: 6\nhardware: bitfusion\nbudget: energy=0.5\nexperiment: aq\n"
-        "finetune: {epochs: 1}\ntest_top_k: 1\nsearcher_options: {warmup: 4, train_steps: 60, hidden: 32}\n")
+        "finetune: {epochs: 1}\ntest_top_k: 1\n"
+        "searcher_options: {warmup: 4, train_steps: 60, hidden: 32, history_from_experiment: true}\n")
     proc = run_cli(["search", "aq.yaml"], tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "0 finished trials of earlier searches in experiment 'aq'" in proc.stdout  # a new store
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     from mlflow.tracking import MlflowClient
 
