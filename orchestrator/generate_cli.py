@@ -43,8 +43,6 @@ POOL_PER_POLICY = 32  # samples drawn per requested policy (at least the searche
 def generate(experiment, target_acc, num, hardware, budget, output, evaluate, search_id, tracking_uri,
              seed) -> None:
     """Generate quantization policies at a target accuracy from a trained aqgan generator."""
-    import torch
-
     from orchestrator.searchers import SearchProblem
     from orchestrator.searchers.aqgan import GENERATOR_FILE, generate_policies, load_generator
     from search_spaces import metrics as M
@@ -77,8 +75,7 @@ def generate(experiment, target_acc, num, hardware, budget, output, evaluate, se
         click.echo(f"haqtune: warning: --target-acc {target_acc:g} is outside the val_acc range the "
                    f"generator was trained on [{low:.4f}, {high:.4f}]; it generates at the nearest end",
                    err=True)
-    torch.manual_seed(seed)  # nothing should draw from it; the generator's own RNG is seeded below
-    model.torch_rng.manual_seed(seed)
+    model.torch_rng.manual_seed(seed)  # sampling draws from the generator's own RNG only
     cost_metric = config.budget.metric if config.budget else M.LATENCY_MS
     problem = SearchProblem(layers=prepared.layers, table=prepared.table, budget=config.budget,
                             min_bits=model.min_bits, max_bits=model.max_bits, cost_metric=cost_metric,

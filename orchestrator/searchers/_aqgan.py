@@ -276,9 +276,6 @@ class AQGAN:
 
     # ---- sampling -----------------------------------------------------------------------
 
-    def target_unit(self, target_acc: float) -> float:
-        return float(self.scale.to_unit(target_acc))
-
     @torch.no_grad()
     def generate(self, num: int, target_acc: float | np.ndarray) -> np.ndarray:
         """``num`` policies ``[num, L, 2]`` (int64 bits) sampled at ``target_acc``

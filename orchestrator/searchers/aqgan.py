@@ -79,7 +79,6 @@ class SearchOptions:
     num_candidates: int = 256
     margin: float = 0.005  # default target = best val_acc seen + margin
     target_acc: float | None = None  # a fixed target instead
-    history: tuple = ()  # ((policy "w/a ..." or [L, 2], val_acc), ...) from earlier searches
 
     def __post_init__(self) -> None:
         _check_int("warmup", self.warmup, 2, optional=True)
@@ -91,6 +90,9 @@ class SearchOptions:
 
 
 SEARCH_OPTIONS = frozenset(f.name for f in fields(SearchOptions))
+# Constructor-only: ((policy "w/a ..." or [L, 2], val_acc), ...) from earlier searches; it
+# becomes training data at once, so the checkpoint holds it as data, not as an option.
+HISTORY = "history"
 
 
 def _policy_key(policy: np.ndarray) -> bytes:
@@ -135,13 +137,13 @@ class AQGANSearcher(SearchPropertiesMixin, Searcher):
     and of ``GANConfig`` (see the module docstring)."""
 
     def __init__(self, problem: SearchProblem, **options) -> None:
-        known = SEARCH_OPTIONS | GAN_OPTIONS
+        known = SEARCH_OPTIONS | GAN_OPTIONS | {HISTORY}
         unknown = sorted(set(options) - known)
         if unknown:
             raise ValueError(f"aqgan: unknown option {unknown[0]!r}: choose between {', '.join(sorted(known))}")
         super().__init__(metric=problem.metric, mode=problem.mode)
         self.problem = problem
-        history = tuple(options.pop("history", ()))
+        history = tuple(options.pop(HISTORY, ()))
         search = SearchOptions(**{k: v for k, v in options.items() if k in SEARCH_OPTIONS})
         gan = GANConfig(**{k: v for k, v in options.items() if k in GAN_OPTIONS})
         self._setup(search, gan)
@@ -306,7 +308,7 @@ class AQGANSearcher(SearchPropertiesMixin, Searcher):
 
         return {
             "version": _CHECKPOINT_VERSION,
-            "options": {**asdict(self.options), "history": ()},  # history is in the data already
+            "options": asdict(self.options),
             "gan_config": asdict(self.gan_config),
             "metric": self._metric, "mode": self._mode,
             "space": {"keys": self.problem.keys, "min_bits": self.problem.min_bits,
@@ -339,9 +341,7 @@ class AQGANSearcher(SearchPropertiesMixin, Searcher):
                 f"aqgan checkpoint {checkpoint_path}: expected a search over {self.problem.num_layers} "
                 f"layers with bits in [{self.problem.min_bits}, {self.problem.max_bits}], got "
                 f"{len(space['keys']) // 2} layers with bits in [{space['min_bits']}, {space['max_bits']}]")
-        options = dict(state["options"])
-        options["history"] = tuple(options.get("history", ()))
-        self._setup(SearchOptions(**options), GANConfig(**state["gan_config"]))
+        self._setup(SearchOptions(**state["options"]), GANConfig(**state["gan_config"]))
         self._metric, self._mode = state["metric"], state["mode"]
         self.warmup = state["warmup"]
         self.model.load_state_dict(state["model"])
