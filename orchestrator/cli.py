@@ -113,7 +113,8 @@ def _attach_optional_commands() -> None:
     import importlib
 
     for module, names in (("cost_cli", ("hardware", "cost")), ("report_cli", ("compare", "ui")),
-                          ("export_cli", ("export",))):
+                          ("export_cli", ("export",)),
+                          ("generate_cli", ("generate",))):
         try:
             mod = importlib.import_module(f"{__package__}.{module}")
         except ModuleNotFoundError:  # not written yet in this checkout

@@ -252,7 +252,7 @@ def run(prepared: PreparedSearch, *, echo=print, search_id: str | None = None,
          f"{input_note(prepared)}; {uniform8_note(prepared)}")
     _echo_bits(prepared, echo)
     context = build_reference(plan, prepared, echo)
-    searcher = None if plan.resumed else build_searcher(plan, prepared, context)
+    searcher = None if plan.resumed else build_searcher(plan, prepared, context, echo)
     tracker = build_tracker(plan, prepared)
     tracker.start()
     try:
@@ -321,7 +321,7 @@ def build_reference(plan: SearchPlan, prepared: PreparedSearch, echo):
         dataset_options=dict(config.dataset_options))
 
 
-def build_searcher(plan: SearchPlan, prepared: PreparedSearch, context):
+def build_searcher(plan: SearchPlan, prepared: PreparedSearch, context, echo):
     """The searcher of a new search (a restored one comes from the experiment state)."""
     from orchestrator.searchers import SearchProblem, make_searcher
 
@@ -332,7 +332,10 @@ def build_searcher(plan: SearchPlan, prepared: PreparedSearch, context):
         cost_metric=config.budget.metric if config.budget else M.LATENCY_MS,
         seed=config.seed, num_trials=config.num_trials, max_concurrent=config.max_concurrent,
         extra={"ref_acc": context.ref_acc}, accuracy_oracle=_accuracy_oracle(config, context))
-    return make_searcher(config.searcher, problem, **config.searcher_options)
+    options = dict(config.searcher_options)
+    if options.pop(HISTORY_OPTION, False):  # seed the searcher from earlier searches' trials
+        options["history"] = experiment_history(config, prepared, echo)
+    return make_searcher(config.searcher, problem, **options)
 
 
 def build_tracker(plan: SearchPlan, prepared: PreparedSearch):
@@ -410,6 +413,23 @@ def _echo_bits(prepared: PreparedSearch, echo) -> None:
     searched = allowed.mask[~allowed.fixed] if not allowed.fixed.all() else allowed.mask
     if natural is not None and searched[..., np.asarray(natural) - 1].sum() < searched.sum():
         echo(f"haqtune: note: {config.hardware} {natural_bits_note(natural)}")
+
+
+# ``searcher_options`` flag: pass the finished trials of earlier searches of the same network,
+# data, fine-tune and bit range (any searcher, any hardware) as the searcher's ``history``.
+HISTORY_OPTION = "history_from_experiment"
+HISTORY_MATCH = ("model", "dataset", "num_layers", "min_bits", "max_bits", "finetune_epochs", "seed")
+
+
+def experiment_history(config: SearchConfig, prepared: PreparedSearch, echo) -> list[tuple[str, float]]:
+    from .tracking import load_trial_history, resolve_tracking_uri
+
+    params = _search_params(config, prepared)
+    history = load_trial_history(resolve_tracking_uri(config.tracking_uri), config.experiment,
+                                 {k: params[k] for k in HISTORY_MATCH})
+    echo(f"haqtune: {len(history)} finished trials of earlier searches in experiment "
+         f"{config.experiment!r} seed the searcher")
+    return history
 
 
 # Searchers that measure per-layer sensitivity through ``SearchProblem.accuracy_oracle``.
@@ -566,6 +586,12 @@ def summarize(results, context, plan: SearchPlan, tracker, started: float, echo,
     }
     if "pareto_front" in summary:
         artifacts["pareto_front.json"] = json.dumps(summary["pareto_front"], indent=1)
+    # Files the searcher left for the record (aqgan: its generator), see SEARCHER_ARTIFACTS_DIR.
+    from orchestrator.searchers import SEARCHER_ARTIFACTS_DIR
+
+    searcher_dir = plan.search_dir / SEARCHER_ARTIFACTS_DIR
+    if searcher_dir.is_dir():
+        artifacts.update({p.name: p.read_bytes() for p in sorted(searcher_dir.iterdir()) if p.is_file()})
     try:
         from .report import search_artifacts
 

@@ -300,7 +300,7 @@ class MlflowTracker(Callback):
 
     def __init__(self, *, tracking_uri: str, experiment: str, search_id: str, searcher: str,
                  search_dir: Path, params: dict, config_path: Path | None = None,
-                 retry: RetryPolicy | None = None) -> None:
+                 retry: RetryPolicy | None = None, trial_params: dict | None = None) -> None:
         self.tracking_uri = tracking_uri
         self.experiment = experiment
         self.search_id = search_id
@@ -308,6 +308,8 @@ class MlflowTracker(Callback):
         self.search_dir = Path(search_dir)
         self.params = params
         self.config_path = config_path
+        # Params every child run gets besides its bits (``haqtune generate``: target_acc).
+        self.trial_params = dict(trial_params or {})
         self.retry = retry or RetryPolicy.from_env()
         self.created_ms = _now_ms()
         self._init_runtime()
@@ -587,6 +589,7 @@ class MlflowTracker(Callback):
             policy = parse_policy(result[M.POLICY])
             op["params"] = [[k, str(v)] for k, v in config_from_policy(policy).items()]
             op["params"].append([M.POLICY, str(result[M.POLICY])])
+            op["params"].extend([k, str(v)] for k, v in self.trial_params.items())
             self._params_logged.add(tid)
         self._submit(op)
 
@@ -836,3 +839,60 @@ def log_exported_model(uri: str, parent_run_id: str, *, name: str, example, torc
             else:  # a search still running (or killed without an end): leave it as it was
                 client.update_run(parent_run_id, status=info.status)
     return uris
+
+
+def download_search_artifacts(uri: str, experiment: str, searcher: str, names: tuple[str, ...],
+                              dst_dir: Path, *, search_id: str | None = None) -> dict:
+    """Download artifacts ``names`` of the newest finished search by ``searcher`` in
+    ``experiment`` that has all of them (or of search ``search_id``) into ``dst_dir``.
+
+    Returns that parent run as ``_run_record`` does, plus ``files``: name -> local path.
+    HaqtuneError when no such search exists.
+    """
+    from mlflow.entities import ViewType
+
+    # A progress bar per small file is noise in a CLI's output.
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    experiment_id = find_experiment(uri, experiment)
+    client = _client(uri)
+    where = f"tags.`{TAG_SEARCHER}` = '{searcher}' and tags.`{TAG_ROLE}` = '{ROLE_SEARCH}'"
+    if search_id is not None:
+        where += f" and tags.`{TAG_SEARCH_ID}` = '{search_id}'"
+    try:
+        with _one_http_attempt(uri, READ_TIMEOUT_S):
+            runs = client.search_runs([experiment_id], filter_string=where,
+                                      run_view_type=ViewType.ACTIVE_ONLY,
+                                      order_by=["attributes.start_time DESC"], max_results=1000)
+            for run in runs:
+                present = {a.path for a in client.list_artifacts(run.info.run_id)}
+                if run.info.status != "FINISHED" or not set(names) <= present:
+                    continue
+                dst_dir = Path(dst_dir)
+                dst_dir.mkdir(parents=True, exist_ok=True)
+                files = {name: Path(client.download_artifacts(run.info.run_id, name, str(dst_dir)))
+                         for name in names}
+                return {**_run_record(run), "files": files}
+    except Exception as exc:
+        raise HaqtuneError(f"cannot read the MLflow store at {uri}: {_short(exc)}") from None
+    which = f"search {search_id!r}" if search_id else f"finished {searcher!r} search"
+    raise HaqtuneError(f"experiment {experiment!r} in {uri} has no {which} with {', '.join(names)}: "
+                       f"run `haqtune search --searcher {searcher} --experiment {experiment}` first")
+
+
+def load_trial_history(uri: str, experiment: str, match: dict) -> list[tuple[str, float]]:
+    """(policy, val_acc) of every finished trial of the searches in ``experiment`` whose
+    parent-run params equal ``match`` (compared as text), whatever their searcher and
+    hardware: what an ``aqgan`` search is seeded from (``history_from_experiment``).
+    An experiment (or sqlite store) that does not exist yet has no history: ``[]``."""
+    try:
+        _, parents, children = load_searches(uri, experiment)
+    except HaqtuneError as exc:
+        if "unknown experiment" in str(exc) or "no MLflow store" in str(exc):
+            return []
+        raise
+    wanted = {k: str(v) for k, v in match.items()}
+    chosen = {p["run_id"] for p in parents
+              if all(p["params"].get(k) == v for k, v in wanted.items())}
+    return [(c["params"][M.POLICY], float(c["metrics"][M.VAL_ACC])) for c in children
+            if c["parent_run_id"] in chosen and c["status"] == "FINISHED"
+            and M.POLICY in c["params"] and M.VAL_ACC in c["metrics"]]

@@ -5,8 +5,8 @@
 """
 
 # Importing a searcher module registers it.
-from . import _optuna, haq, sensitivity_dp, uniform  # noqa: F401
-from ._base import SearchProblem
+from . import _optuna, aqgan, haq, sensitivity_dp, uniform  # noqa: F401
+from ._base import SEARCHER_ARTIFACTS_DIR, SearchProblem
 from ._registry import (
     SearcherInfo,
     UnknownSearcherError,
@@ -17,6 +17,7 @@ from ._registry import (
 )
 
 __all__ = [
+    "SEARCHER_ARTIFACTS_DIR",
     "SearchProblem",
     "SearcherInfo",
     "UnknownSearcherError",

@@ -11,6 +11,11 @@ from hardware import MAX_BITS, MIN_BITS, CostTable, LayerSpec
 from search_spaces import AllowedBits, Budget, check_bit_range, policy_keys, project
 from search_spaces import metrics as M
 
+# A searcher may leave files for the record in ``<search dir>/searcher_artifacts/``
+# (written from its ``save_to_dir``, which Tune calls on the search directory);
+# the search logs every file there to its MLflow parent run at the end.
+SEARCHER_ARTIFACTS_DIR = "searcher_artifacts"
+
 
 @dataclass(frozen=True)
 class SearchProblem:

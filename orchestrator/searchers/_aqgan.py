@@ -1,0 +1,336 @@
+"""AQGAN's algorithm (Kao, Ramamurthy, Krishna, arXiv 2006.03968), our design: networks,
+training, sampling. The Ray Tune adapter is ``aqgan.py``; ``haqtune generate`` loads an
+exported ``AQGAN`` with ``AQGAN.from_export``.
+
+The paper's internals are not public. What is here, and why:
+
+- **Policy encoding.** A policy ``[L, 2]`` (w, a bits per layer) is one-hot over the
+  ``K = max_bits - min_bits + 1`` allowed bitwidths: ``[L, 2, K]``, flattened for the
+  discriminator.
+- **Accuracy scale.** Trial accuracies are skewed (most policies inside a budget land
+  within a point of each other, a few collapse), so the condition is the accuracy's
+  *quantile* among the training data (mid-ranks, piecewise linear in between): a target
+  of 0.9 means "better than 90% of what was seen". Uniform conditions spread the
+  generator's capacity over the whole range instead of the few collapsed policies, and
+  map back to accuracy through the same table. Targets outside the observed range clip
+  to its ends (0 or 1): the generator knows nothing beyond the data.
+- **Generator**: ``[noise (noise_dim), target quantile]`` -> MLP (LeakyReLU) -> logits
+  ``[L, 2, K]``. Training samples with straight-through Gumbel-softmax (hard one-hot
+  forward, soft gradient) at a temperature annealed geometrically from ``tau_start`` to
+  ``tau_end`` over each training round; inference samples the categorical exactly
+  (Gumbel-max), so generated policies are discrete by construction.
+- **Discriminator** (ACGAN-style): one-hot policy -> shared MLP -> a real/fake score
+  and an accuracy-regression head (sigmoid: the quantile). The regression head learns
+  from real (evaluated) policies only; training it on fakes with their *targets* as
+  labels would teach it the generator's mistakes.
+- **Losses.** Hinge (default; ``loss="wgan-gp"`` adds a gradient penalty on one-hot
+  interpolates instead) for the adversarial part, the regression head's MSE on real
+  data, and for the generator a *consistency* term: MSE between its target and the
+  regression head's prediction for what it generated. Targets for fakes are drawn
+  from the data's own quantiles plus a small jitter, so the condition the generator
+  sees matches the distribution it is trained to reproduce.
+- **Determinism.** Every random number comes from one ``torch.Generator`` (init,
+  batches, noise, Gumbel draws); no global RNG is read.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+
+import numpy as np
+import torch
+from torch import nn
+
+LOSSES = ("hinge", "wgan-gp")
+EXPORT_VERSION = 1
+_EPS = 1e-10
+
+
+def _check_int(name: str, value, low: int, *, optional: bool = False) -> None:
+    if optional and value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < low:
+        none = " or None" if optional else ""
+        raise ValueError(f"aqgan: {name}: expected an integer >= {low}{none}, got {value!r}")
+
+
+def _check_float(name: str, value, low: float, high: float, *, optional: bool = False) -> None:
+    if optional and value is None:
+        return
+    ok = isinstance(value, int | float | np.floating) and not isinstance(value, bool)
+    if not (ok and math.isfinite(value) and low <= value <= high):
+        none = " or None" if optional else ""
+        raise ValueError(f"aqgan: {name}: expected a number in [{low}, {high}]{none}, got {value!r}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class GANConfig:
+    """Networks and training. Defaults measured on the demo and the surrogate
+    (``benchmarks/bench_aqgan.py``): small networks train in well under a second."""
+
+    noise_dim: int = 8
+    hidden: int = 128
+    lr: float = 2e-3
+    train_steps: int = 150  # per training round; rounds warm-start from the last one
+    batch_size: int = 64
+    loss: str = "hinge"
+    gp_weight: float = 10.0  # wgan-gp only
+    regression_weight: float = 4.0  # discriminator: MSE of the accuracy head on real data
+    consistency_weight: float = 4.0  # generator: MSE(target, predicted accuracy of its output)
+    tau_start: float = 2.0
+    tau_end: float = 0.5
+    target_jitter: float = 0.05  # quantile noise on the fakes' targets
+
+    def __post_init__(self) -> None:
+        _check_int("noise_dim", self.noise_dim, 1)
+        _check_int("hidden", self.hidden, 1)
+        _check_float("lr", self.lr, 1e-8, 1.0)
+        _check_int("train_steps", self.train_steps, 0)
+        _check_int("batch_size", self.batch_size, 1)
+        if self.loss not in LOSSES:
+            raise ValueError(f"aqgan: loss: choose between {', '.join(LOSSES)}, got {self.loss!r}")
+        _check_float("gp_weight", self.gp_weight, 0.0, 1e4)
+        _check_float("regression_weight", self.regression_weight, 0.0, 1e4)
+        _check_float("consistency_weight", self.consistency_weight, 0.0, 1e4)
+        _check_float("tau_start", self.tau_start, 1e-3, 100.0)
+        _check_float("tau_end", self.tau_end, 1e-3, 100.0)
+        _check_float("target_jitter", self.target_jitter, 0.0, 1.0)
+
+
+GAN_OPTIONS = frozenset(f.name for f in fields(GANConfig))
+
+
+def _linear(n_in: int, n_out: int, generator: torch.Generator) -> nn.Linear:
+    """``nn.Linear`` with PyTorch's default init drawn from ``generator``."""
+    layer = nn.utils.skip_init(nn.Linear, n_in, n_out)
+    nn.init.kaiming_uniform_(layer.weight, a=math.sqrt(5), generator=generator)
+    bound = 1.0 / math.sqrt(n_in)
+    nn.init.uniform_(layer.bias, -bound, bound, generator=generator)
+    return layer
+
+
+class Generator(nn.Module):
+    """[noise, target quantile] -> logits ``[B, L, 2, K]``."""
+
+    def __init__(self, noise_dim: int, hidden: int, num_layers: int, num_choices: int,
+                 generator: torch.Generator) -> None:
+        super().__init__()
+        self.shape = (num_layers, 2, num_choices)
+        self.net = nn.Sequential(
+            _linear(noise_dim + 1, hidden, generator), nn.LeakyReLU(0.2),
+            _linear(hidden, hidden, generator), nn.LeakyReLU(0.2),
+            _linear(hidden, num_layers * 2 * num_choices, generator))
+
+    def forward(self, noise: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        logits = self.net(torch.cat([noise, target[:, None]], dim=1))
+        return logits.view(-1, *self.shape)
+
+
+class Discriminator(nn.Module):
+    """One-hot policy ``[B, L*2*K]`` -> (real/fake score ``[B]``, accuracy quantile ``[B]``)."""
+
+    def __init__(self, in_dim: int, hidden: int, generator: torch.Generator) -> None:
+        super().__init__()
+        self.body = nn.Sequential(
+            _linear(in_dim, hidden, generator), nn.LeakyReLU(0.2),
+            _linear(hidden, hidden, generator), nn.LeakyReLU(0.2))
+        self.adv = _linear(hidden, 1, generator)
+        self.reg = _linear(hidden, 1, generator)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h = self.body(x)
+        return self.adv(h)[:, 0], torch.sigmoid(self.reg(h)[:, 0])
+
+
+class AccuracyScale:
+    """Accuracy <-> quantile among the training accuracies (mid-ranks of ties, linear between)."""
+
+    def __init__(self, accs) -> None:
+        accs = np.sort(np.asarray(accs, dtype=np.float64))
+        self.values, first = np.unique(accs, return_index=True)
+        counts = np.diff(np.append(first, len(accs)))
+        mid_rank = first + (counts - 1) / 2.0
+        n = len(accs)
+        self.quantiles = mid_rank / (n - 1) if n > 1 else np.full(len(self.values), 0.5)
+        if len(self.values) > 1:  # the ends are 0 and 1 whatever the ties
+            self.quantiles = (self.quantiles - self.quantiles[0]) / (self.quantiles[-1] - self.quantiles[0])
+
+    @classmethod
+    def from_table(cls, values: np.ndarray, quantiles: np.ndarray) -> AccuracyScale:
+        scale = cls.__new__(cls)
+        scale.values, scale.quantiles = np.array(values, dtype=np.float64), np.array(quantiles, dtype=np.float64)
+        return scale
+
+    def to_unit(self, acc) -> np.ndarray:
+        return np.interp(np.asarray(acc, dtype=np.float64), self.values, self.quantiles)
+
+    def to_acc(self, unit) -> np.ndarray:
+        return np.interp(np.asarray(unit, dtype=np.float64), self.quantiles, self.values)
+
+    @property
+    def low(self) -> float:
+        return float(self.values[0])
+
+    @property
+    def high(self) -> float:
+        return float(self.values[-1])
+
+
+def one_hot(policies: np.ndarray, min_bits: int, num_choices: int) -> torch.Tensor:
+    """``[N, L, 2]`` bits -> ``[N, L*2*K]`` float32 one-hot."""
+    idx = torch.from_numpy(np.ascontiguousarray(policies, dtype=np.int64) - min_bits)
+    return nn.functional.one_hot(idx, num_choices).to(torch.float32).flatten(1)
+
+
+class AQGAN:
+    """Conditional GAN over quantization policies of one network (see the module docstring).
+
+    ``fit(policies, accs, steps)`` trains (warm-starting from the previous round);
+    ``generate(n, target_acc)`` samples policies; ``predict(policies)`` is the
+    regression head's accuracy estimate.
+    """
+
+    def __init__(self, *, num_layers: int, min_bits: int, max_bits: int, config: GANConfig,
+                 seed: int) -> None:
+        self.num_layers, self.min_bits, self.max_bits = num_layers, min_bits, max_bits
+        self.num_choices = max_bits - min_bits + 1
+        self.config = config
+        self.torch_rng = torch.Generator().manual_seed(seed)
+        in_dim = num_layers * 2 * self.num_choices
+        self.gen = Generator(config.noise_dim, config.hidden, num_layers, self.num_choices, self.torch_rng)
+        self.disc = Discriminator(in_dim, config.hidden, self.torch_rng)
+        # Adam with beta1 = 0.5, beta2 = 0.9: the usual GAN setting (WGAN-GP, BigGAN).
+        self.opt_g = torch.optim.Adam(self.gen.parameters(), lr=config.lr, betas=(0.5, 0.9))
+        self.opt_d = torch.optim.Adam(self.disc.parameters(), lr=config.lr, betas=(0.5, 0.9))
+        self.scale: AccuracyScale | None = None
+        self.rounds = 0
+        self.losses = {"d": float("nan"), "g": float("nan"), "reg_mse": float("nan")}
+
+    @property
+    def trained(self) -> bool:
+        return self.scale is not None
+
+    # ---- training -----------------------------------------------------------------------
+
+    def _gumbel(self, shape) -> torch.Tensor:
+        u = torch.rand(shape, generator=self.torch_rng)
+        return -torch.log(-torch.log(u + _EPS) + _EPS)
+
+    def _relaxed(self, noise: torch.Tensor, target: torch.Tensor, tau: float) -> torch.Tensor:
+        """Straight-through Gumbel-softmax sample of the generator: ``[B, L*2*K]``."""
+        logits = self.gen(noise, target)
+        soft = torch.softmax((logits + self._gumbel(logits.shape)) / tau, dim=-1)
+        hard = nn.functional.one_hot(soft.argmax(-1), self.num_choices).to(soft.dtype)
+        return (hard - soft.detach() + soft).flatten(1)
+
+    def fit(self, policies: np.ndarray, accs: np.ndarray, steps: int | None = None) -> None:
+        """``steps`` (default ``config.train_steps``) alternating D/G updates on the data."""
+        cfg = self.config
+        steps = cfg.train_steps if steps is None else steps
+        self.scale = AccuracyScale(accs)
+        x_all = one_hot(policies, self.min_bits, self.num_choices)
+        y_all = torch.from_numpy(self.scale.to_unit(accs).astype(np.float32))
+        n, batch = len(x_all), cfg.batch_size
+        ratio = cfg.tau_end / cfg.tau_start
+        mse = nn.functional.mse_loss
+        for step in range(steps):
+            tau = cfg.tau_start * ratio ** (step / max(steps - 1, 1))
+            idx = torch.randint(n, (batch,), generator=self.torch_rng)
+            x_real, y_real = x_all[idx], y_all[idx]
+            jitter = (torch.rand(batch, generator=self.torch_rng) * 2 - 1) * cfg.target_jitter
+            target = (y_all[torch.randint(n, (batch,), generator=self.torch_rng)] + jitter).clamp(0, 1)
+            noise = torch.randn(batch, cfg.noise_dim, generator=self.torch_rng)
+            fake = self._relaxed(noise, target, tau)
+
+            score_real, pred_real = self.disc(x_real)
+            score_fake, _ = self.disc(fake.detach())
+            if cfg.loss == "hinge":
+                adv = torch.relu(1 - score_real).mean() + torch.relu(1 + score_fake).mean()
+            else:
+                adv = score_fake.mean() - score_real.mean() + cfg.gp_weight * self._gradient_penalty(
+                    x_real, fake.detach())
+            reg_mse = mse(pred_real, y_real)
+            d_loss = adv + cfg.regression_weight * reg_mse
+            self.opt_d.zero_grad(set_to_none=True)
+            d_loss.backward()
+            self.opt_d.step()
+
+            self.disc.requires_grad_(False)  # the generator's step needs no D weight gradients
+            score_fake, pred_fake = self.disc(fake)
+            g_loss = -score_fake.mean() + cfg.consistency_weight * mse(pred_fake, target)
+            self.opt_g.zero_grad(set_to_none=True)
+            g_loss.backward()
+            self.opt_g.step()
+            self.disc.requires_grad_(True)
+            self.losses = {"d": float(d_loss.detach()), "g": float(g_loss.detach()),
+                           "reg_mse": float(reg_mse.detach())}
+        self.rounds += 1
+
+    def _gradient_penalty(self, real: torch.Tensor, fake: torch.Tensor) -> torch.Tensor:
+        alpha = torch.rand(len(real), 1, generator=self.torch_rng)
+        mixed = (alpha * real + (1 - alpha) * fake).requires_grad_(True)
+        score, _ = self.disc(mixed)
+        (grad,) = torch.autograd.grad(score.sum(), mixed, create_graph=True)
+        return ((grad.norm(dim=1) - 1) ** 2).mean()
+
+    # ---- sampling -----------------------------------------------------------------------
+
+    @torch.no_grad()
+    def generate(self, num: int, target_acc: float | np.ndarray) -> np.ndarray:
+        """``num`` policies ``[num, L, 2]`` (int64 bits) sampled at ``target_acc``
+        (one accuracy, or one per policy), before any budget projection."""
+        if not self.trained:
+            raise RuntimeError("aqgan: the generator has not been trained yet")
+        unit = torch.from_numpy(np.broadcast_to(self.scale.to_unit(target_acc), (num,)).astype(np.float32))
+        noise = torch.randn(num, self.config.noise_dim, generator=self.torch_rng)
+        logits = self.gen(noise, unit)
+        choice = (logits + self._gumbel(logits.shape)).argmax(-1)  # Gumbel-max: exact sampling
+        return choice.numpy().astype(np.int64) + self.min_bits
+
+    @torch.no_grad()
+    def predict(self, policies: np.ndarray) -> np.ndarray:
+        """The regression head's val_acc estimate of policies ``[N, L, 2]``: ``[N]``."""
+        if not self.trained:
+            raise RuntimeError("aqgan: the generator has not been trained yet")
+        if len(policies) == 0:
+            return np.zeros(0)
+        _, unit = self.disc(one_hot(policies, self.min_bits, self.num_choices))
+        return self.scale.to_acc(unit.numpy())
+
+    # ---- state --------------------------------------------------------------------------
+
+    def state_dict(self) -> dict:
+        return {
+            "num_layers": self.num_layers, "min_bits": self.min_bits, "max_bits": self.max_bits,
+            "config": asdict(self.config),
+            "gen": self.gen.state_dict(), "disc": self.disc.state_dict(),
+            "opt_g": self.opt_g.state_dict(), "opt_d": self.opt_d.state_dict(),
+            # The scale's (values, quantiles) table, [2, m]: all that maps accuracy <-> quantile.
+            "scale": None if self.scale is None else torch.from_numpy(
+                np.stack([self.scale.values, self.scale.quantiles])),
+            "rounds": self.rounds, "losses": dict(self.losses),
+            "torch_rng": self.torch_rng.get_state(),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.gen.load_state_dict(state["gen"])
+        self.disc.load_state_dict(state["disc"])
+        if "opt_g" in state:  # an exported generator has no optimizers: it is not trained further
+            self.opt_g.load_state_dict(state["opt_g"])
+            self.opt_d.load_state_dict(state["opt_d"])
+        table = state["scale"]
+        if table is None:
+            self.scale = None
+        else:
+            self.scale = AccuracyScale.from_table(*table.numpy())
+        self.rounds = int(state["rounds"])
+        self.losses = dict(state["losses"])
+        self.torch_rng.set_state(state["torch_rng"])
+
+    @classmethod
+    def from_state_dict(cls, state: dict, *, seed: int = 0) -> AQGAN:
+        model = cls(num_layers=int(state["num_layers"]), min_bits=int(state["min_bits"]),
+                    max_bits=int(state["max_bits"]), config=GANConfig(**state["config"]), seed=seed)
+        model.load_state_dict(state)
+        return model
