@@ -320,6 +320,29 @@ def test_bitfusion_compute_bound_speedup_is_16x_from_8_to_2_bits():
     assert lat[1, 1] == pytest.approx(macs / BITFUSION.peak_macs_per_s(2, 2), rel=1e-9)
 
 
+def test_bitfusion_energy_uses_the_authors_simulator_constants():
+    # github.com/hsharma35/bitfusion: core 3,673,500 nW (4x4 synthesis) * 32 / 500 MHz per
+    # cycle; CACTI 45 nm energies per 32-bit access of the banks bf_e_conf.ini implies;
+    # 15 pJ per DRAM bit (Stats.get_energy); no leakage.
+    cfg = BITFUSION
+    assert cfg.e_core_cycle_j == pytest.approx(235.104e-12)
+    assert (cfg.e_wbuf_read_bit_j, cfg.e_ibuf_write_bit_j, cfg.e_obuf_read_bit_j) == pytest.approx(
+        (0.000683701e-9 / 32, 0.00363853e-9 / 32, 0.00106097e-9 / 32))
+    assert (cfg.e_dram_bit_j, cfg.static_power_w) == (15e-12, 0.0)
+    # A compute-bound layer with every other energy negligible: energy = cycles * core.
+    spec = conv(256, 256, 3, 14)
+    tiny = {f: 1e-30 for f in ("e_wbuf_read_bit_j", "e_wbuf_write_bit_j", "e_ibuf_read_bit_j",
+                               "e_ibuf_write_bit_j", "e_obuf_read_bit_j", "e_obuf_write_bit_j",
+                               "e_dram_bit_j")}
+    model = get_cost_model("bitfusion", **tiny)
+    latency_s, energy_j = model.layer_cost(spec, 8, 8)
+    assert energy_j == pytest.approx(latency_s * cfg.clock_hz * cfg.e_core_cycle_j, rel=1e-9)
+    # Leakage is an override: static power times latency on top.
+    leaky = get_cost_model("bitfusion", static_power_w=0.243).layer_cost(spec, 8, 8)[1]
+    default = get_cost_model("bitfusion").layer_cost(spec, 8, 8)[1]
+    assert leaky == pytest.approx(default + 0.243 * latency_s)
+
+
 def test_bitfusion_fuses_in_powers_of_two():
     # 3-bit operands occupy a 4-bit fusion (2 bricks), 5 to 8-bit an 8-bit one (4 bricks).
     lat = get_cost_model("bitfusion").table([conv(256, 256, 3, 14)]).latency_s[0]
