@@ -208,7 +208,7 @@ def run(prepared: PreparedSearch, *, echo=print, search_id: str | None = None,
         reference_state=state, ref_acc=ref_acc, table=prepared.table, budget=config.budget,
         finetune=config.finetune, seed=config.seed,
         min_bits=config.min_bits, max_bits=config.max_bits, data_root=os.path.abspath(config.data_root),
-        gpus_per_trial=config.gpus_per_trial)
+        gpus_per_trial=config.gpus_per_trial, quant=config.quant_options())
     problem = SearchProblem(
         layers=prepared.layers, table=prepared.table, budget=config.budget, min_bits=config.min_bits,
         max_bits=config.max_bits, cost_metric=config.budget.metric if config.budget else M.LATENCY_MS,

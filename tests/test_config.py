@@ -50,3 +50,18 @@ def test_bad_config_files(tmp_path, content, message):
 def test_missing_config_file(tmp_path):
     with pytest.raises(HaqtuneError, match="not found"):
         SearchConfig.from_yaml(tmp_path / "missing.yaml")
+
+
+def test_quantizer_options_are_validated():
+    cfg = SearchConfig(weight_granularity="per_tensor", weight_quantizer="kmeans",
+                       quantize="weights", budget=Budget.parse("size=0.5"))
+    options = cfg.quant_options()
+    assert (options.weight_granularity, options.weight_quantizer, options.quantize_activations) == (
+        "per_tensor", "kmeans", False)
+    assert SearchConfig().quant_options().quantize_activations
+    with pytest.raises(HaqtuneError, match="weight_quantizer: choose between linear, kmeans, got 'lloyd'"):
+        SearchConfig(weight_quantizer="lloyd")
+    # Weight-only quantization leaves activations in float: only a size budget is meaningful.
+    with pytest.raises(HaqtuneError, match="quantize: weights .* needs a size budget.*got latency=0.5"):
+        SearchConfig(quantize="weights")
+    assert SearchConfig(quantize="weights", budget=None).budget is None

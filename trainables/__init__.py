@@ -2,7 +2,7 @@
 
 from .data import DataSplits, load_dataset
 from .models import DEMO, BuiltModel, DemoNet, UnknownModelError, build_model
-from .quantize import QuantLayer, quantize_activation, quantize_model, quantize_weight
+from .quantize import QuantLayer, QuantOptions, quantize_activation, quantize_model, quantize_weight
 from .training import DivergedError, TrainSettings, evaluate, pick_device, train, train_reference
 from .trial import TrialContext, evaluate_on_test, finetune_policy, quantize_and_finetune
 
@@ -13,6 +13,7 @@ __all__ = [
     "DemoNet",
     "DivergedError",
     "QuantLayer",
+    "QuantOptions",
     "TrainSettings",
     "TrialContext",
     "UnknownModelError",

@@ -20,7 +20,7 @@ from search_spaces import metrics as M
 
 from .data import DataSplits, load_dataset
 from .models import build_model
-from .quantize import quantize_model
+from .quantize import QuantOptions, quantize_model
 from .training import (
     TrainSettings,
     evaluate,
@@ -54,6 +54,7 @@ class TrialContext:
     data_root: str = "./data"
     gpus_per_trial: float = 0.0
     extra: dict = field(default_factory=dict)
+    quant: QuantOptions = field(default_factory=QuantOptions)
 
     def project(self, policy) -> np.ndarray:
         return project(policy, self.table, self.budget, min_bits=self.min_bits, max_bits=self.max_bits)
@@ -93,7 +94,7 @@ def finetune_policy(context: TrialContext, policy: np.ndarray, *, on_epoch=None)
     generator = torch.Generator().manual_seed(seed)
     calib_idx = torch.randperm(len(data.train), generator=generator)[:CALIBRATION_SAMPLES]
     calib = torch.stack([data.train[int(i)][0] for i in calib_idx]).to(device)
-    qmodel = quantize_model(model, context.layer_names, policy, calib)
+    qmodel = quantize_model(model, context.layer_names, policy, calib, context.quant)
     settings = context.finetune
     val_acc = evaluate(qmodel, data.val, device=device)
     if settings.epochs == 0 and on_epoch is not None:
