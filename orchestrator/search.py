@@ -318,6 +318,12 @@ def summarize(results, context, config: SearchConfig, tracker, search_id: str, s
     for _, row in ok.head(config.test_top_k).iterrows():
         best_rows.append({"trial_id": row["trial_id"], **evaluate_on_test(context, parse_policy(row[M.POLICY]))})
     reference = policy_costs(context.table, context.table.uniform(8))
+    if config.test_top_k > 0:
+        # The uniform 8-bit policy, fine-tuned and tested like the best ones (not projected:
+        # it is what every reduction is measured against), so the accuracy loss vs 8-bit
+        # can be read off any search.
+        eight = evaluate_on_test(context, context.table.uniform(8), project=False)
+        reference = {**reference, M.VAL_ACC: eight[M.VAL_ACC], M.TEST_ACC: eight[M.TEST_ACC]}
     summary = {
         "search_id": search_id, "searcher": config.searcher, "num_trials": int(len(frame)),
         "failed_trials": int((frame["status"] == "FAILED").sum()),
@@ -327,6 +333,11 @@ def summarize(results, context, config: SearchConfig, tracker, search_id: str, s
     echo(f"\nhaqtune: {len(frame)} trials ({summary['failed_trials']} failed) in {summary['wall_time_s']:.0f} s; "
          f"reference (full precision) val_acc={context.ref_acc:.4f}; uniform 8-bit: "
          f"latency_ms={reference[M.LATENCY_MS]:.4g} energy_mj={reference[M.ENERGY_MJ]:.4g} size_mb={reference[M.SIZE_MB]:.4g}")
+    if M.TEST_ACC in reference:
+        echo(f"haqtune: uniform 8-bit fine-tuned: val_acc={reference[M.VAL_ACC]:.4f} "
+             f"test_acc={reference[M.TEST_ACC]:.4f}"
+             + (f"; best policy's test_acc loss vs 8-bit: "
+                f"{(reference[M.TEST_ACC] - best_rows[0][M.TEST_ACC]) * 100:.2f} points" if best_rows else ""))
     if best_rows:
         echo(format_best_table(best_rows, reference))
     from orchestrator.searchers import searcher_info
@@ -340,7 +351,8 @@ def summarize(results, context, config: SearchConfig, tracker, search_id: str, s
     # Parent-run metrics: the MLflow runs table's columns for comparing searches.
     metrics = {"ref_acc": context.ref_acc, "trials_failed": summary["failed_trials"],
                "wall_time_s": summary["wall_time_s"],
-               **{f"uniform8_{key}": reference[key] for key in M.COST_METRICS}}
+               **{f"uniform8_{key}": reference[key] for key in (*M.COST_METRICS, M.TEST_ACC)
+                  if key in reference}}
     if best_rows:
         b = best_rows[0]
         metrics.update({"best_val_acc": b[M.VAL_ACC], "best_test_acc": b[M.TEST_ACC],

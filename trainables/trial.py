@@ -137,12 +137,14 @@ def quantize_and_finetune(config: dict, context: TrialContext) -> None:
     finetune_policy(context, policy, on_epoch=report)
 
 
-def evaluate_on_test(context: TrialContext, policy) -> dict:
+def evaluate_on_test(context: TrialContext, policy, *, project: bool = True) -> dict:
     """Re-run a policy's fine-tune (same seed, same result) and measure the test split.
 
     Used by the driver for the final best policies only: the search never sees test.
+    ``project=False`` evaluates the policy as given even if it is over the budget (the
+    uniform 8-bit policy every reduction is measured against).
     """
-    policy = context.project(policy)
+    policy = context.project(policy) if project else np.asarray(policy, dtype=np.int64)
     # Same thread count as the trial: float reductions (and so the fine-tune) depend on it.
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
