@@ -86,6 +86,21 @@ def run_search(base_config: Path, *, searcher: str, hardware: str, budget: str, 
     return summary, cmd
 
 
+def finished_searches(storage: Path) -> dict:
+    """Searches already finished under ``storage``: (searcher, hardware, budget, seed, trials) ->
+    (summary, command), read back from their resolved ``config.yaml`` and ``summary.json``."""
+    out = {}
+    for summary_path in sorted(storage.glob("*/summary.json")):
+        config = yaml.safe_load((summary_path.parent / "config.yaml").read_text())
+        summary = json.loads(summary_path.read_text())
+        key = (config["searcher"], config["hardware"], str(config["budget"]), int(config["seed"]),
+               int(config["num_trials"]))
+        cmd = [HAQTUNE, "search", "CONFIG", "--searcher", key[0], "--hardware", key[1], "--budget", key[2],
+               "--seed", str(key[3]), "--num-trials", str(key[4])]
+        out[key] = (summary, cmd)
+    return out
+
+
 def uniform_curve(config_data: dict, hardware_names, seed: int, storage: Path) -> dict:
     """Test accuracy of uniform k-bit policies (fine-tuned, not projected) and their costs."""
     from orchestrator.config import SearchConfig
@@ -247,6 +262,8 @@ def main(argv=None) -> None:
     parser.add_argument("--budgets", default="0.5", help="fractions of the uniform 8-bit cost")
     parser.add_argument("--num-trials", type=int, default=60)
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "headline"))
+    parser.add_argument("--work", help="work directory (default: a new temp dir); searches and uniform "
+                        "curves already finished there are reused, so an interrupted run continues")
     args = parser.parse_args(argv)
 
     hardware_names = [h for h in args.hardware.split(",") if h]
@@ -261,8 +278,10 @@ def main(argv=None) -> None:
 
     config_data = yaml.safe_load(Path(args.config).read_text()) or {}
     config_data.update(parse_set(args.overrides))
-    work = Path(tempfile.mkdtemp(prefix="haqtune-headline-"))
+    work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="haqtune-headline-"))
+    work.mkdir(parents=True, exist_ok=True)
     storage = work / "runs"
+    finished = finished_searches(storage)
     base_config = work / "config.yaml"
     base_config.write_text(yaml.safe_dump(config_data, sort_keys=False))
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{work / 'mlflow.db'}",
@@ -282,7 +301,13 @@ def main(argv=None) -> None:
     with open(out / "searches.log", "w") as log:
         for seed in seeds:
             t0 = time.time()
-            uniform[seed] = uniform_curve(config_data, hardware_names, seed, storage)
+            cached = work / f"uniform_seed{seed}_{'+'.join(hardware_names)}.json"
+            if cached.is_file():
+                data = json.loads(cached.read_text())
+                uniform[seed] = {"ref_acc": data["ref_acc"], "bits": {int(b): v for b, v in data["bits"].items()}}
+            else:
+                uniform[seed] = uniform_curve(config_data, hardware_names, seed, storage)
+                cached.write_text(json.dumps(uniform[seed]))
             print(f"seed {seed}: uniform k-bit policies done in {time.time() - t0:.0f} s", flush=True)
             for hardware in hardware_names:
                 metric = HARDWARE[hardware]
@@ -290,9 +315,14 @@ def main(argv=None) -> None:
                 for budget in budgets:
                     for searcher in searchers:
                         t0 = time.time()
-                        summary, cmd = run_search(
-                            base_config, searcher=searcher, hardware=hardware, budget=f"{metric}={budget}",
-                            seed=seed, num_trials=args.num_trials, storage=storage, env=env, log=log)
+                        done = finished.get((searcher, hardware, f"{metric}={budget}", seed, args.num_trials))
+                        if done is not None:
+                            summary, cmd = done
+                        else:
+                            summary, cmd = run_search(
+                                base_config, searcher=searcher, hardware=hardware,
+                                budget=f"{metric}={budget}", seed=seed, num_trials=args.num_trials,
+                                storage=storage, env=env, log=log)
                         commands.append(" ".join(cmd[1:]))
                         best, eight = summary["best"][0], summary["uniform_8bit"]
                         row = {
@@ -312,9 +342,10 @@ def main(argv=None) -> None:
                               f"(val {row['best_val_acc']:.4f}, test {row['best_test_acc']:.4f}, "
                               f"8-bit test {row['uniform8_test_acc']:.4f}) in {row['wall_s']:.0f} s",
                               flush=True)
+                        # After every search: a run cut short still leaves its report.
+                        write_report(out, config_data, args, searchers, budgets, [*done_seeds, seed],
+                                     commands, results, uniform, best_policies, started)
             done_seeds.append(seed)
-            write_report(out, config_data, args, searchers, budgets, done_seeds, commands, results,
-                         uniform, best_policies, started)
 
 
 def write_report(out: Path, config_data: dict, args, searchers, budgets, seeds, commands, results,
