@@ -9,11 +9,20 @@ Public API::
 
 Registered models (``list_cost_models()``): ``bismo-edge`` and ``bismo-cloud`` (the
 BISMO bit-serial overlay on a Zynq-7020 / a VU9P, as in HAQ), ``bitfusion``
-(BitFusion, ISCA 2018) and ``table`` (your own measurements, ``path=...``).
+(BitFusion, ISCA 2018), ``table`` (your own measurements, ``path=...``) and
+``haq-cloud-mobilenetv2`` (HAQ's released BISMO-cloud table for MobileNetV2, a preset of
+``table``).
 """
 
 from ._analytic import AnalyticCostModel
-from ._bismo import BISMO_CLOUD, BISMO_EDGE, BismoConfig, BismoCostModel
+from ._bismo import (
+    BISMO_CLOUD,
+    BISMO_CLOUD_NATIVE,
+    BISMO_EDGE,
+    BISMO_EDGE_NATIVE,
+    BismoConfig,
+    BismoCostModel,
+)
 from ._bitfusion import BITFUSION, BitFusionConfig, BitFusionCostModel
 from ._cost import (
     BITS,
@@ -34,11 +43,13 @@ from ._registry import (
     list_cost_models,
     register_cost_model,
 )
-from ._table import TableCostModel, load_table
+from ._table import TableCostModel, haq_cloud_table_path, load_table
 
 __all__ = [
     "BISMO_CLOUD",
+    "BISMO_CLOUD_NATIVE",
     "BISMO_EDGE",
+    "BISMO_EDGE_NATIVE",
     "BITFUSION",
     "BITS",
     "BYTES_PER_MB",
@@ -62,6 +73,7 @@ __all__ = [
     "cost_model_natural_bits",
     "extract_layers",
     "get_cost_model",
+    "haq_cloud_table_path",
     "list_cost_models",
     "load_table",
     "register_cost_model",

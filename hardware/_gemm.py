@@ -24,22 +24,8 @@ from ._layers import LayerSpec
 E_DRAM_BIT_J = 20e-12
 E_SRAM_BIT_J = E_DRAM_BIT_J * 6 / 200  # 0.6 pJ/bit for a ~100 KB buffer (Eyeriss ratio)
 E_REG_BIT_J = E_DRAM_BIT_J / 200  # 0.1 pJ/bit for a register file / scratchpad access
-# Eyeriss's 6x level is its 108 KB global buffer: the reference size for E_SRAM_BIT_J.
-SRAM_REF_BYTES = 108 * 1024
-
-
-# Horowitz (ISSCC 2014): a 64-bit SRAM read costs 10 pJ at 8 KB, 20 pJ at 32 KB and 100 pJ at
-# 1 MB, i.e. energy per bit grows about as sqrt(capacity) (wordline/bitline length).
-def sram_bit_energy_j(size_bytes: float) -> float:
-    """Per-bit access energy of an SRAM buffer of ``size_bytes``; never below a register access."""
-    return max(E_REG_BIT_J, E_SRAM_BIT_J * float(np.sqrt(size_bytes / SRAM_REF_BYTES)))
-
-
-# Horowitz (ISSCC 2014, 45 nm, 0.9 V): 8-bit integer multiply 0.2 pJ, 8-bit add 0.03 pJ,
-# 32-bit add 0.1 pJ.
-E_MULT8_J = 0.2e-12
+# Horowitz (ISSCC 2014, 45 nm, 0.9 V): 8-bit integer add 0.03 pJ.
 E_ADD8_J = 0.03e-12
-E_ADD32_J = 0.1e-12
 
 BITS_PER_BYTE = 8
 

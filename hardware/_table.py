@@ -18,6 +18,7 @@ then mean anything). The table is checked against the model's layer count when
 from __future__ import annotations
 
 from collections.abc import Sequence
+from importlib import resources
 from pathlib import Path
 
 import numpy as np
@@ -191,3 +192,33 @@ def table(**kwargs) -> TableCostModel:
     if kwargs.get("path") is None:
         raise ValueError("table: expected path=<.npy or .csv latency table>, got none")
     return TableCostModel(**kwargs)
+
+
+# HAQ's released BISMO-cloud latency table for MobileNetV2 (hardware/presets/README.md): cycles
+# at batch 16. HAQ's cloud BISMO runs at 200 MHz, like ``bismo-cloud``.
+HAQ_CLOUD_TABLE = "qmobilenetv2_imagenet100_batch16_latency_table.npy"
+HAQ_CLOUD_CLOCK_HZ = 200e6
+HAQ_CLOUD_BATCH = 16
+_HAQ_DESCRIPTION = (
+    "HAQ's released BISMO-cloud latency table for torchvision mobilenet_v2 (53 layers, batch 16, "
+    "MIT license; no energy)"
+)
+
+
+def haq_cloud_table_path() -> Path:
+    """Path of the shipped HAQ table (package data)."""
+    return Path(str(resources.files("hardware") / "presets" / HAQ_CLOUD_TABLE))
+
+
+@register_cost_model("haq-cloud-mobilenetv2", _HAQ_DESCRIPTION)
+def haq_cloud_mobilenetv2(**kwargs) -> TableCostModel:
+    """The ``table`` model on HAQ's own table: the reference the BISMO models are checked against."""
+    if kwargs:
+        raise ValueError(
+            f"haq-cloud-mobilenetv2: unknown option(s) {', '.join(sorted(kwargs))}: it takes none"
+        )
+    model = TableCostModel(path=haq_cloud_table_path(), batch=HAQ_CLOUD_BATCH)
+    model.latency_s = model.latency_s / HAQ_CLOUD_CLOCK_HZ  # cycles -> seconds
+    model.name = "haq-cloud-mobilenetv2"
+    model.description = _HAQ_DESCRIPTION
+    return model

@@ -13,7 +13,9 @@ import yaml
 
 from hardware import MAX_BITS, MIN_BITS
 from search_spaces import AllowedBits, Budget, check_bit_range, check_bit_set
+from search_spaces import metrics as M
 from trainables.data import DatasetOptions
+from trainables.quantize import QuantOptions
 from trainables.training import ReferenceSettings
 from trainables.training import TrainSettings as TrainConfig  # the config's training sections
 
@@ -85,6 +87,11 @@ class SearchConfig:
     gpus_per_trial: float = 0.0
     max_failures: int = 1
     test_top_k: int = 3
+    # Quantizer (trainables.quantize.QuantOptions): per_channel | per_tensor, linear | kmeans,
+    # weights+activations | weights (weight-only, HAQ's model-size experiments).
+    weight_granularity: str = "per_channel"
+    weight_quantizer: str = "linear"
+    quantize: str = "weights+activations"
 
     def __post_init__(self) -> None:
         from orchestrator.searchers import searcher_info
@@ -134,6 +141,19 @@ class SearchConfig:
         for name in ("hardware_options", "searcher_options"):
             if not isinstance(getattr(self, name), dict):
                 raise HaqtuneError(f"{name}: expected a mapping, got {getattr(self, name)!r}")
+        try:
+            options = self.quant_options()
+        except ValueError as exc:
+            raise HaqtuneError(str(exc)) from None
+        if not options.quantize_activations and self.budget is not None and self.budget.metric != M.SIZE_MB:
+            raise HaqtuneError(
+                f"quantize: weights leaves activations in float, so it needs a size budget "
+                f"(size_mb=... or size=...), got {self.budget}"
+            )
+
+    def quant_options(self) -> QuantOptions:
+        return QuantOptions(weight_granularity=self.weight_granularity,
+                            weight_quantizer=self.weight_quantizer, quantize=self.quantize)
 
     def _check_bit_sets(self) -> None:
         if self.bits is None:

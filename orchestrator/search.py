@@ -318,7 +318,7 @@ def build_reference(plan: SearchPlan, prepared: PreparedSearch, echo):
         finetune=config.finetune, seed=config.seed,
         min_bits=config.min_bits, max_bits=config.max_bits, data_root=config.data_root,
         gpus_per_trial=config.gpus_per_trial, allowed=prepared.allowed,
-        dataset_options=dict(config.dataset_options))
+        dataset_options=dict(config.dataset_options), quant=config.quant_options())
 
 
 def build_searcher(plan: SearchPlan, prepared: PreparedSearch, context, echo):
@@ -535,6 +535,22 @@ def evaluate_best(results, plan: SearchPlan, context, frame, echo) -> list[dict]
     return out
 
 
+def evaluate_uniform8(plan: SearchPlan, context) -> dict:
+    """The uniform 8-bit policy fine-tuned and test-evaluated like a trial, in a Ray task
+    with a trial's resources (nothing heavy runs in the driver)."""
+    import ray
+
+    from trainables import evaluate_on_test
+
+    config = plan.config
+
+    @ray.remote(num_cpus=config.cpus_per_trial, num_gpus=config.gpus_per_trial)
+    def evaluate_task(ctx):
+        return evaluate_on_test(ctx, ctx.table.uniform(8), project=False)
+
+    return ray.get(evaluate_task.remote(context))
+
+
 def summarize(results, context, plan: SearchPlan, tracker, started: float, echo,
               layers: list[LayerSpec]) -> dict:
     """Test-evaluate the best trials' checkpoints (the only time test is touched),
@@ -547,6 +563,12 @@ def summarize(results, context, plan: SearchPlan, tracker, started: float, echo,
     frame = results_frame(results)
     best_rows = evaluate_best(results, plan, context, frame, echo)
     reference = policy_costs(context.table, context.table.uniform(8))
+    if config.test_top_k > 0:
+        # The uniform 8-bit policy, fine-tuned and tested like the best ones (not projected:
+        # it is what every reduction is measured against), so the accuracy loss vs 8-bit
+        # can be read off any search.
+        eight = evaluate_uniform8(plan, context)
+        reference = {**reference, M.VAL_ACC: eight[M.VAL_ACC], M.TEST_ACC: eight[M.TEST_ACC]}
     summary = {
         "search_id": search_id, "searcher": config.searcher, "num_trials": int(len(frame)),
         "failed_trials": int((frame["status"] == "FAILED").sum()),
@@ -558,6 +580,11 @@ def summarize(results, context, plan: SearchPlan, tracker, started: float, echo,
          f"{summary['stopped_early_trials']} stopped early) in {summary['wall_time_s']:.0f} s; "
          f"reference (full precision) val_acc={context.ref_acc:.4f}; uniform 8-bit: "
          f"latency_ms={reference[M.LATENCY_MS]:.4g} energy_mj={reference[M.ENERGY_MJ]:.4g} size_mb={reference[M.SIZE_MB]:.4g}")
+    if M.TEST_ACC in reference:
+        echo(f"haqtune: uniform 8-bit fine-tuned: val_acc={reference[M.VAL_ACC]:.4f} "
+             f"test_acc={reference[M.TEST_ACC]:.4f}"
+             + (f"; best policy's test_acc loss vs 8-bit: "
+                f"{(reference[M.TEST_ACC] - best_rows[0][M.TEST_ACC]) * 100:.2f} points" if best_rows else ""))
     if best_rows:
         echo(format_best_table(best_rows, reference))
     from orchestrator.searchers import searcher_info
@@ -570,7 +597,8 @@ def summarize(results, context, plan: SearchPlan, tracker, started: float, echo,
     # Parent-run metrics: the MLflow runs table's columns for comparing searches.
     metrics = {"ref_acc": context.ref_acc, "trials_failed": summary["failed_trials"],
                "wall_time_s": summary["wall_time_s"],
-               **{f"uniform8_{key}": reference[key] for key in M.COST_METRICS}}
+               **{f"uniform8_{key}": reference[key] for key in (*M.COST_METRICS, M.TEST_ACC)
+                  if key in reference}}
     if best_rows:
         b = best_rows[0]
         metrics.update({"best_val_acc": b[M.VAL_ACC], "best_test_acc": b[M.TEST_ACC],

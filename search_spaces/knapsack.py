@@ -160,3 +160,54 @@ def mckp_dp(
             r = int(from_rank[row, cell, r])
             cell -= int(bins[row, opt])
     return choices, totals[found]
+
+
+def chain_dp(
+    values: np.ndarray, pair_values: np.ndarray, bins: np.ndarray, capacity: int
+) -> tuple[np.ndarray, float]:
+    """The best choice per row when neighbouring rows interact: ``(choice [L], total)``.
+
+    Maximizes ``sum_l values[l, c_l] + sum_l pair_values[l, c_l, c_{l+1}]`` subject to
+    ``sum_l bins[l, c_l] <= capacity`` (integer costs, as ``mckp_dp`` after rounding).
+    A chain-structured knapsack: the DP state is (this row's option, total cost so far),
+    ``best[c, b]`` the best value of rows ``0..l`` with row ``l`` at option ``c`` and total
+    cost <= ``b``; row ``l + 1`` option ``c'`` shifts row ``l``'s table by its cost, adds
+    the pair value from every ``c`` and keeps the best. ``O(L * K^2 * capacity)`` time,
+    ``O(L * K * capacity)`` back-pointers. ``-inf`` forbids an option; returns
+    ``(empty, -inf)`` when nothing fits.
+    """
+    num_rows, num_options = values.shape
+    if pair_values.shape != (max(num_rows - 1, 0), num_options, num_options):
+        raise ValueError(
+            f"pair_values: expected shape [{num_rows - 1}, {num_options}, {num_options}], "
+            f"got {list(pair_values.shape)}"
+        )
+    cells = capacity + 1
+    best = np.full((num_options, cells), -np.inf)
+    for opt in range(num_options):
+        shift = int(bins[0, opt])
+        if shift <= capacity and values[0, opt] > -np.inf:
+            best[opt, shift:] = values[0, opt]
+    back = np.zeros((num_rows, num_options, cells), dtype=np.int16)
+    for row in range(1, num_rows):
+        new = np.full((num_options, cells), -np.inf)
+        for opt in range(num_options):
+            shift, value = int(bins[row, opt]), values[row, opt]
+            if shift > capacity or value == -np.inf:
+                continue
+            cand = best[:, : cells - shift] + pair_values[row - 1, :, opt, None]  # [K, cells - shift]
+            arg = np.argmax(cand, axis=0)
+            new[opt, shift:] = cand[arg, np.arange(cells - shift)] + value
+            back[row, opt, shift:] = arg
+        best = new
+    last = int(np.argmax(best[:, capacity]))
+    total = float(best[last, capacity])
+    if total == -np.inf:
+        return np.zeros(0, dtype=np.int64), total
+    choice = np.zeros(num_rows, dtype=np.int64)
+    choice[-1], cell = last, capacity
+    for row in range(num_rows - 1, 0, -1):
+        prev = int(back[row, choice[row], cell])
+        cell -= int(bins[row, choice[row]])
+        choice[row - 1] = prev
+    return choice, total

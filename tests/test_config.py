@@ -91,3 +91,18 @@ def test_search_states_its_bits_and_the_hardwares_natural_set():
     _echo_bits(prepare(SearchConfig(searcher="tpe", hardware="bitfusion", budget=None,
                                     bits={"w": [2, 4, 8], "a": [8]})), lines.append)
     assert lines == ["haqtune: bits w 2,4,8 a 8"]
+
+
+def test_quantizer_options_are_validated():
+    cfg = SearchConfig(weight_granularity="per_tensor", weight_quantizer="kmeans",
+                       quantize="weights", budget=Budget.parse("size=0.5"))
+    options = cfg.quant_options()
+    assert (options.weight_granularity, options.weight_quantizer, options.quantize_activations) == (
+        "per_tensor", "kmeans", False)
+    assert SearchConfig().quant_options().quantize_activations
+    with pytest.raises(HaqtuneError, match="weight_quantizer: choose between linear, kmeans, got 'lloyd'"):
+        SearchConfig(weight_quantizer="lloyd")
+    # Weight-only quantization leaves activations in float: only a size budget is meaningful.
+    with pytest.raises(HaqtuneError, match="quantize: weights .* needs a size budget.*got latency=0.5"):
+        SearchConfig(quantize="weights")
+    assert SearchConfig(quantize="weights", budget=None).budget is None

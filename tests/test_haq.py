@@ -132,7 +132,7 @@ def test_truncated_normal_stays_in_range_and_centres_on_mu():
     ({"tau": 0.0}, "tau: expected"),
     ({"discount": 1.5}, "discount: expected"),
     ({"batch_size": 2.5}, "batch_size: expected an integer"),
-    ({"warmup": -1}, r"warmup: expected an integer >= 0 or None, got -1"),
+    ({"warmup": -1}, r"warmup: expected an integer >= 0, got -1"),
     ({"noise_decay": 2.0}, "noise_decay: expected"),
     ({"updates_per_episode": True}, "updates_per_episode: expected"),
     ({"hiden1": 3}, "haq: unknown option 'hiden1': choose between"),
@@ -149,10 +149,28 @@ def test_defaults_are_haqs():
         300, 300, 1e-4, 1e-3, 0.01, 1.0, 64)
     assert (c.init_noise, c.noise_decay, c.replay_per_layer) == (0.5, 0.99, 128)
     assert s.replay.capacity == 128 * L
-    assert s.warmup == 5  # num_trials=20 -> min(20, 20 // 4)
+    # HAQ's 20 warm-up episodes whatever the number of trials, and one DDPG update per
+    # stored transition (2L per episode).
+    assert s.warmup == 20
+    assert s.updates_per_episode == 2 * L
     problem = SearchProblem(layers=LAYERS)
-    assert HAQSearcher(problem).warmup == 20  # unknown number of trials: HAQ's 20
-    assert HAQSearcher(problem, updates_per_episode=None).updates_per_episode == 2 * L
+    assert HAQSearcher(problem).warmup == 20
+    assert HAQSearcher(problem, updates_per_episode=2).updates_per_episode == 2  # the fast setting
+
+
+def test_warns_when_num_trials_leaves_few_learned_episodes():
+    import warnings
+
+    from orchestrator.searchers.haq import TooFewLearningEpisodesWarning
+
+    with pytest.warns(TooFewLearningEpisodesWarning, match=r"num_trials=30 leaves 10 learned episodes "
+                      r"after 20 random warm-up episodes.*expected num_trials >= 40"):
+        HAQSearcher(SearchProblem(layers=LAYERS, num_trials=30))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        HAQSearcher(SearchProblem(layers=LAYERS, num_trials=40))
+        HAQSearcher(SearchProblem(layers=LAYERS, num_trials=30), warmup=10)
+        HAQSearcher(SearchProblem(layers=LAYERS))  # unknown number of trials: nothing to say
 
 
 # ---- behaviour ------------------------------------------------------------------------------

@@ -81,6 +81,17 @@ def monotone_table(num_layers: int, seed: int) -> np.ndarray:
     return np.cumsum(np.cumsum(steps, axis=1), axis=2) + 1e-6
 
 
+# Registered presets of the table model: their row count is fixed by the shipped file.
+PRESET_LAYERS = {"haq-cloud-mobilenetv2": 53}
+
+
+def network_for(name: str, specs: list[LayerSpec]) -> list[LayerSpec]:
+    """``specs``, or for a preset table any network with its layer count."""
+    if name not in PRESET_LAYERS:
+        return specs
+    return [linear(8, 8, name=f"fc{i}") for i in range(PRESET_LAYERS[name])]
+
+
 def make_model(name: str, specs, workdir: Path) -> CostModel:
     if name != "table":
         return get_cost_model(name)
@@ -109,6 +120,7 @@ def test_registry_lists_every_model():
 @CONTRACT
 @given(specs=networks())
 def test_costs_non_negative_and_monotone_in_bits(name, specs):
+    specs = network_for(name, specs)
     with tempfile.TemporaryDirectory() as tmp:
         model = make_model(name, specs, Path(tmp))
         assert isinstance(model, CostModel)
@@ -132,6 +144,7 @@ def test_costs_non_negative_and_monotone_in_bits(name, specs):
 @given(specs=networks(), seed=st.integers(0, 2**32 - 1))
 def test_table_and_layer_cost_agree_exactly(name, specs, seed):
     rng = np.random.default_rng(seed)
+    specs = network_for(name, specs)
     with tempfile.TemporaryDirectory() as tmp:
         model = make_model(name, specs, Path(tmp))
         table = model.table(specs)
@@ -147,6 +160,7 @@ def test_table_and_layer_cost_agree_exactly(name, specs, seed):
 @given(specs=networks(), seed=st.integers(0, 2**32 - 1))
 def test_evaluate_is_the_sum_of_layer_costs(name, specs, seed):
     rng = np.random.default_rng(seed)
+    specs = network_for(name, specs)
     with tempfile.TemporaryDirectory() as tmp:
         table = make_model(name, specs, Path(tmp)).table(specs)
     policies = rng.integers(1, 9, (7, len(specs), 2))
@@ -195,13 +209,47 @@ def test_compute_bound_pointwise_conv_scales_with_w_times_a(name):
     assert r["4/4"] == pytest.approx(0.25, rel=1e-9)
 
 
+def bismo_ratios(name: str, spec: LayerSpec, **options) -> dict[str, float]:
+    lat = get_cost_model(name, **options).table([spec]).latency_s[0]
+    return {"w4": lat[3, 7] / lat[7, 7], "a4": lat[7, 3] / lat[7, 7]}
+
+
 @pytest.mark.parametrize("name", ["bismo-cloud", "bismo-edge"])
-def test_depthwise_conv_is_dominated_by_activation_traffic(name):
-    # groups == channels: per group K = 9 and N = 1, so the DPU array idles while the
-    # im2col'd activations (padded to Dk-bit words) stream in: latency follows a, not w.
-    r = ratios(name, depthwise(144, 56))
-    assert 0.5 <= r["a4"] <= 0.62
-    assert r["w4"] >= 0.97
+def test_depthwise_conv_follows_activation_bits_in_both_mappings(name):
+    # HAQ's mapping: channel by channel, one activation bit-plane per pass over the row
+    # tiles, C * ceil(M / Dm) * a cycles: exactly proportional to a, independent of w.
+    spec = depthwise(144, 56)
+    r = bismo_ratios(name, spec)
+    assert r["a4"] == pytest.approx(0.5, rel=1e-9)
+    assert r["w4"] == 1.0
+    cfg = get_cost_model(name).config
+    batch = cfg.default_batch
+    cycles = 144 * math.ceil(56 * 56 * batch / cfg.dpa_rows) * 8
+    assert get_cost_model(name).layer_cost(spec, 8, 8)[0] == pytest.approx(cycles / cfg.clock_hz)
+    # BISMO-native: per group K = 9 and N = 1, so the DPU array idles while the im2col'd
+    # activations (padded to Dk-bit words) stream in: latency follows a, not w, and the
+    # 32-bit write-back keeps a floor under it.
+    native = bismo_ratios(name, spec, mapping="bismo-native")
+    assert 0.5 <= native["a4"] <= 0.62
+    assert native["w4"] >= 0.97
+    assert get_cost_model(name, mapping="bismo-native").layer_cost(spec, 8, 8)[0] > 2 * (
+        cycles / cfg.clock_hz
+    )
+
+
+def test_haq_mapping_drops_the_32bit_write_back():
+    # A memory-bound layer (batch-16 FC on the cloud): the native mapping adds the 32-bit
+    # results to DRAM traffic, so its 1/1 latency cannot fall as far as HAQ's.
+    spec = linear(1280, 1000)
+    for name in ("bismo-cloud", "bismo-edge"):
+        haq = get_cost_model(name).table([spec]).latency_s[0]
+        native = get_cost_model(name, mapping="bismo-native").table([spec]).latency_s[0]
+        assert haq[7, 7] / haq[0, 0] > native[7, 7] / native[0, 0], name
+
+
+def test_unknown_mapping_is_a_clear_error():
+    with pytest.raises(ValueError, match="mapping: choose between haq, bismo-native, got 'fpga'"):
+        get_cost_model("bismo-cloud", mapping="fpga")
 
 
 @pytest.mark.parametrize("name", ["bismo-cloud", "bitfusion"])
@@ -216,9 +264,10 @@ def test_batch16_fc_layer_is_dominated_by_weight_traffic(name):
 
 
 def test_edge_and_cloud_relative_costs_differ():
-    # A MobileNetV2 projection (144 -> 24, K = 144): on the edge FPGA compute is the larger
-    # part, so fewer weight bits pay off; on the cloud FPGA the Dk = 1024 reduction is mostly
-    # padding, the lowered activations dominate, and weight bits buy nothing.
+    # A MobileNetV2 projection (144 -> 24, K = 144): on the edge FPGA (batch 1) compute is the
+    # larger part, so fewer weight bits pay off; on the cloud FPGA (batch 16) the lowered
+    # activations, a Dk-padded word per row and bit-plane, bind the fetch stage, and weight
+    # bits buy nothing.
     layer = conv(144, 24, 1, 56)
     edge, cloud = ratios("bismo-edge", layer), ratios("bismo-cloud", layer)
     assert edge["w4"] < 0.75
@@ -269,6 +318,29 @@ def test_bitfusion_compute_bound_speedup_is_16x_from_8_to_2_bits():
     # And the model runs at the paper's peak: MACs / (512 FUs * 16 MACs * 500 MHz).
     macs = 16 * spec.macs
     assert lat[1, 1] == pytest.approx(macs / BITFUSION.peak_macs_per_s(2, 2), rel=1e-9)
+
+
+def test_bitfusion_energy_uses_the_authors_simulator_constants():
+    # github.com/hsharma35/bitfusion: core 3,673,500 nW (4x4 synthesis) * 32 / 500 MHz per
+    # cycle; CACTI 45 nm energies per 32-bit access of the banks bf_e_conf.ini implies;
+    # 15 pJ per DRAM bit (Stats.get_energy); no leakage.
+    cfg = BITFUSION
+    assert cfg.e_core_cycle_j == pytest.approx(235.104e-12)
+    assert (cfg.e_wbuf_read_bit_j, cfg.e_ibuf_write_bit_j, cfg.e_obuf_read_bit_j) == pytest.approx(
+        (0.000683701e-9 / 32, 0.00363853e-9 / 32, 0.00106097e-9 / 32))
+    assert (cfg.e_dram_bit_j, cfg.static_power_w) == (15e-12, 0.0)
+    # A compute-bound layer with every other energy negligible: energy = cycles * core.
+    spec = conv(256, 256, 3, 14)
+    tiny = {f: 1e-30 for f in ("e_wbuf_read_bit_j", "e_wbuf_write_bit_j", "e_ibuf_read_bit_j",
+                               "e_ibuf_write_bit_j", "e_obuf_read_bit_j", "e_obuf_write_bit_j",
+                               "e_dram_bit_j")}
+    model = get_cost_model("bitfusion", **tiny)
+    latency_s, energy_j = model.layer_cost(spec, 8, 8)
+    assert energy_j == pytest.approx(latency_s * cfg.clock_hz * cfg.e_core_cycle_j, rel=1e-9)
+    # Leakage is an override: static power times latency on top.
+    leaky = get_cost_model("bitfusion", static_power_w=0.243).layer_cost(spec, 8, 8)[1]
+    default = get_cost_model("bitfusion").layer_cost(spec, 8, 8)[1]
+    assert leaky == pytest.approx(default + 0.243 * latency_s)
 
 
 def test_bitfusion_fuses_in_powers_of_two():

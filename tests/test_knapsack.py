@@ -157,3 +157,57 @@ def test_surrogate_scores_the_projected_policy():
     assert np.array_equal(SurrogateObjective(layers, sur.table, seed=0).penalty,
                           SurrogateObjective(layers, sur.table, seed=0).penalty)
     assert not np.array_equal(sur.penalty, SurrogateObjective(layers, sur.table, seed=1).penalty)
+
+
+# ---- neighbouring-layer interactions ----------------------------------------------------------
+
+
+def test_chain_dp_matches_brute_force():
+    from search_spaces.knapsack import chain_dp
+
+    rng = np.random.default_rng(3)
+    rows, options, capacity = 4, 3, 9
+    values = rng.normal(size=(rows, options))
+    values[1, 2] = -np.inf  # a forbidden option is never chosen
+    pairs = rng.normal(size=(rows - 1, options, options))
+    bins = rng.integers(0, 5, (rows, options))
+    choice, total = chain_dp(values, pairs, bins, capacity)
+    best, best_choice = -np.inf, None
+    for combo in itertools.product(range(options), repeat=rows):
+        if sum(bins[r, c] for r, c in enumerate(combo)) > capacity:
+            continue
+        v = sum(values[r, c] for r, c in enumerate(combo))
+        v += sum(pairs[r, combo[r], combo[r + 1]] for r in range(rows - 1))
+        if v > best:
+            best, best_choice = v, combo
+    assert total == pytest.approx(best)
+    assert tuple(choice) == best_choice
+    assert chain_dp(values, pairs, bins + 10, capacity)[1] == -np.inf  # nothing fits
+    with pytest.raises(ValueError, match=r"pair_values: expected shape \[3, 3, 3\]"):
+        chain_dp(values, pairs[:2], bins, capacity)
+
+
+def test_pairwise_surrogate_is_not_separable_and_its_optimum_is_exact():
+    layers = _layers(3)
+    budget = Budget("latency_ms", 0.4, relative=True)
+    sur = SurrogateObjective(layers, _table(layers), budget, seed=1, interaction=0.5,
+                             drop_at_4bit=0.05)
+    assert sur.accuracy(sur.table.uniform(4))[0] == pytest.approx(sur.ref_acc - 0.05)
+    # Lowering two neighbours together costs more than the sum of lowering each alone.
+    high = sur.table.uniform(8)
+    one, other, both = high.copy(), high.copy(), high.copy()
+    one[0], other[1], both[:2] = 2, 2, 2
+    drop = sur.ref_acc - sur.accuracy(np.stack([high, one, other, both]))
+    assert drop[3] - drop[0] > (drop[1] - drop[0]) + (drop[2] - drop[0]) + 1e-6
+    # The one-layer probe sees no pair term: what an additive sensitivity model measures.
+    assert sur.single_layer_accuracy(0, 2, 2) == pytest.approx(sur.ref_acc - sur.penalty[0, 1, 1])
+    # The chain DP's optimum against brute force over all 64^3 policies.
+    policy, acc = sur.optimum(resolution=20_000)
+    grid = np.array(list(itertools.product(BITS, repeat=6))).reshape(-1, 3, 2)
+    limit = budget.limit_for(sur.table)
+    feasible = sur.table.evaluate(grid).latency_ms <= limit * (1 - 1e-7)
+    assert acc == pytest.approx(sur.accuracy(grid[feasible]).max(), abs=1e-6)
+    assert acc <= sur.optimum_upper_bound(resolution=20_000) + 1e-12
+    assert policy_cost(sur.table, policy, "latency_ms") <= limit
+    with pytest.raises(ValueError, match=r"interaction: expected a fraction in \[0, 1\), got 1.0"):
+        SurrogateObjective(layers, sur.table, interaction=1.0)

@@ -20,7 +20,7 @@ from .models import (
     build_model,
     load_weights,
 )
-from .quantize import QuantLayer, quantize_activation, quantize_model, quantize_weight
+from .quantize import QuantLayer, QuantOptions, quantize_activation, quantize_model, quantize_weight
 from .training import (
     DivergedError,
     ReferenceSettings,
@@ -50,6 +50,7 @@ __all__ = [
     "IntegerQuantLayer",
     "ModelIdentity",
     "QuantLayer",
+    "QuantOptions",
     "ReferenceSettings",
     "TrainSettings",
     "TrialContext",

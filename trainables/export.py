@@ -45,7 +45,6 @@ from .quantize import (
     QuantLayer,
     activation_levels,
     quantize_activation,
-    quantize_weight,
     weight_scale,
 )
 from .training import atomic_torch_save
@@ -87,11 +86,17 @@ class IntegerQuantLayer(nn.Module):
     @classmethod
     def from_quant_layer(cls, qlayer: QuantLayer) -> IntegerQuantLayer:
         """The integer form of a calibrated ``QuantLayer``; raises if it would not be exact."""
-        layer = qlayer.layer
+        layer, options = qlayer.layer, qlayer.options
+        if options.weight_quantizer != "linear" or not options.quantize_activations:
+            # A k-means codebook is not an integer grid, and weight-only models keep float inputs.
+            raise ValueError(
+                "export: expected a linear grid with quantized activations (weight_quantizer: linear, "
+                f"quantize: weights+activations), got weight_quantizer: {options.weight_quantizer}, "
+                f"quantize: {options.quantize}")
         out = cls(layer, w_bits=qlayer.w_bits, a_bits=qlayer.a_bits, signed=qlayer.signed)
         with torch.no_grad():
             w = layer.weight.detach()
-            scale = weight_scale(w, qlayer.w_bits, qlayer.w_clip)
+            scale = weight_scale(w, qlayer.w_bits, qlayer.w_clip, options.weight_granularity)
             fake = qlayer_weight(qlayer)
             view = scale.view(-1, *([1] * (w.dim() - 1)))
             q = torch.round(fake / view)
@@ -121,7 +126,7 @@ class IntegerQuantLayer(nn.Module):
 def qlayer_weight(qlayer: QuantLayer) -> torch.Tensor:
     """The fake-quantized weight a ``QuantLayer`` computes with (no gradient)."""
     with torch.no_grad():
-        return quantize_weight(qlayer.layer.weight.detach(), qlayer.w_bits, qlayer.w_clip)
+        return qlayer.quantized_weight()
 
 
 def quant_layer_names(model: nn.Module, cls=QuantLayer) -> list[str]:

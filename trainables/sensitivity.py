@@ -73,7 +73,8 @@ class SensitivityOracle:
         try:
             with torch.no_grad():
                 if layer is not None:
-                    model = quantize_model(model, [names[key[0]]], [(key[1], key[2])], calib)
+                    model = quantize_model(model, [names[key[0]]], [(key[1], key[2])], calib,
+                                           self.context.quant)
                 acc = float(evaluate(model, val, device=self.device))
         finally:
             torch.set_num_threads(threads)

@@ -22,6 +22,9 @@ loadable with ``torch.load(..., weights_only=True)``), format ``CHECKPOINT_FORMA
   (activation clip); the integer weights are ``quantize_weight(weight, w_bits, w_clip)``
 - ``metrics``: the trial's final report (``val_acc``, costs, ``policy`` text, ...)
 - ``seed``: the search seed
+- ``quant``: the quantizer options (``QuantOptions`` fields: weight granularity,
+  linear or k-means weights, weight-only or not); a k-means layer holds a
+  ``<name>.codebook`` buffer instead of ``<name>.w_clip``
 
 ``load_quantized_checkpoint(directory)`` turns it back into the ``nn.Module`` the
 trial evaluated (same outputs), and is what the final test evaluation uses.
@@ -59,7 +62,7 @@ from search_spaces import metrics as M
 
 from .data import DataSplits, calibration_batches, load_dataset
 from .models import build_model
-from .quantize import CALIBRATION_BATCH_SIZE, quantize_model
+from .quantize import CALIBRATION_BATCH_SIZE, QuantOptions, quantize_model
 from .training import (
     TrainSettings,
     evaluate,
@@ -100,6 +103,7 @@ class TrialContext:
     extra: dict = field(default_factory=dict)
     allowed: AllowedBits | None = None  # per-layer widths (bit sets, fixed layers); None = [min_bits, max_bits]
     dataset_options: dict = field(default_factory=dict)  # HAQ-style subset (DatasetOptions fields)
+    quant: QuantOptions = field(default_factory=QuantOptions)
 
     def project(self, policy) -> np.ndarray:
         """The policy the trial evaluates: the search's allowed widths, inside the budget."""
@@ -147,7 +151,7 @@ def finetune_policy(context: TrialContext, policy: np.ndarray, *, on_epoch=None)
     calib_idx = torch.randperm(len(data.train), generator=generator)[:CALIBRATION_SAMPLES]
     # Streamed a batch at a time: calibration memory does not grow with the sample count.
     calib = calibration_batches(data.train, calib_idx, CALIBRATION_BATCH_SIZE, device=device)
-    qmodel = quantize_model(model, context.layer_names, policy, calib)
+    qmodel = quantize_model(model, context.layer_names, policy, calib, context.quant)
     settings = context.finetune
     val_acc = evaluate(qmodel, data.val, device=device)
     if settings.epochs == 0 and on_epoch is not None:
@@ -221,7 +225,7 @@ def save_quantized_checkpoint(directory, model: torch.nn.Module, *, context: Tri
         "input_shape": list(built_shape), "layer_names": list(context.layer_names),
         "policy": np.asarray(policy).tolist(), "signed": signed,
         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-        "metrics": metrics, "seed": context.seed,
+        "metrics": metrics, "seed": context.seed, "quant": dataclasses.asdict(context.quant),
     }, path)
     return path
 
@@ -235,7 +239,8 @@ def load_quantized_checkpoint(directory) -> tuple[torch.nn.Module, dict]:
     built = build_model(saved["model"], seed=saved["seed"], **saved["model_kwargs"])
     # Calibration only has to run: every range it sets is overwritten by the saved buffers.
     calib = torch.randn((2, *built.input_shape), generator=torch.Generator().manual_seed(0))
-    qmodel = quantize_model(built.model, saved["layer_names"], saved["policy"], calib)
+    qmodel = quantize_model(built.model, saved["layer_names"], saved["policy"], calib,
+                            QuantOptions(**saved.get("quant", {})))
     for name, signed in zip(saved["layer_names"], saved["signed"], strict=True):
         qmodel.get_submodule(name).signed = bool(signed)
     qmodel.load_state_dict(saved["state_dict"])
@@ -315,13 +320,15 @@ def _inject_faults(context: TrialContext) -> TrialContext:
     return dataclasses.replace(context, finetune=dataclasses.replace(context.finetune, lr=1.0e38))
 
 
-def evaluate_on_test(context: TrialContext, policy) -> dict:
+def evaluate_on_test(context: TrialContext, policy, *, project: bool = True) -> dict:
     """Re-run a policy's fine-tune (same seed, same result) and measure the test split.
 
-    For callers without a trial checkpoint; a search's final report loads its trials'
-    checkpoints instead (``evaluate_checkpoint``).
+    For callers without a trial checkpoint (a search's final report loads its trials'
+    checkpoints instead, ``evaluate_checkpoint``) and for the uniform 8-bit policy every
+    reduction is measured against: ``project=False`` evaluates the policy as given even
+    if it is over the budget.
     """
-    policy = context.project(policy)
+    policy = context.project(policy) if project else np.asarray(policy, dtype=np.int64)
     # Same thread count as the trial: float reductions (and so the fine-tune) depend on it.
     threads = torch.get_num_threads()
     torch.set_num_threads(1)

@@ -19,8 +19,9 @@ How a search maps onto HAQ (reference: mit-han-lab/haq, ``rl_quantize.py``,
   (up to the rounding of exact bin edges);
   for a bit set such as {2, 4, 8} each width gets a third of [0, 1]; a fixed layer
   (``fix_first_last``) has one width, whatever the action.
-- **Exploration.** The first ``warmup`` episodes draw uniform random actions. After
-  them, the actor's action plus truncated-normal noise on [0, 1] with
+- **Exploration.** The first ``warmup`` episodes (HAQ's 20, whatever ``num_trials``) draw
+  uniform random actions; a ``TooFewLearningEpisodesWarning`` says so when ``num_trials``
+  leaves fewer than 20 learned episodes after them. After them, the actor's action plus truncated-normal noise on [0, 1] with
   sigma = init_noise * noise_decay ** (episode - warmup).
 - **Budget.** The policy is projected with ``problem.project`` (HAQ's rule) before it
   is suggested; the trial projects it again, which changes nothing.
@@ -44,13 +45,12 @@ How a search maps onto HAQ (reference: mit-han-lab/haq, ``rl_quantize.py``,
   ``updates_per_episode`` DDPG steps (critic MSE to r + discount * (1 - done) *
   Q'(s', mu'(s')), actor ascends Q(s, mu(s)), soft target updates with ``tau``), each
   on a batch of ``batch_size`` transitions sampled from the replay buffer (HAQ's
-  ``rmsize``: 128 steps per layer). HAQ runs one step per stored transition, 2L per
-  episode (``updates_per_episode=None`` does that); with its 300x300 networks one
-  step costs ~7-11 ms on one (shared) CPU core, i.e. ~1 s per MobileNetV2 episode,
-  so the default is 2 steps (~15-25 ms per trial). On the surrogate benchmark
-  (``benchmarks/bench_searchers.py``) 2, 4, 8, 16 and 2L steps per episode reached
-  the same regret within seed noise. This is the one deliberate departure from
-  HAQ's compute; every other hyperparameter default is HAQ's.
+  ``rmsize``: 128 steps per layer). The default (``updates_per_episode=None``) is HAQ's:
+  one step per stored transition, 2L per episode. With the 300x300 networks one step
+  costs ~7-11 ms on one (shared) CPU core, ~1 s per MobileNetV2 episode: small beside a
+  trial that fine-tunes a network. ``updates_per_episode=2`` is the fast setting
+  (~15-25 ms per trial) for cheap objectives; on the surrogate benchmark
+  (``benchmarks/bench_searchers.py``) 2L steps reached a lower regret than 2.
 - **Concurrency.** DDPG is off-policy: several trials can be in flight; each pending
   episode keeps its actions until its result arrives, in whatever order.
 - **Early stopping.** A trial stopped early by ASHA still calls ``on_trial_complete``
@@ -67,10 +67,11 @@ How a search maps onto HAQ (reference: mit-han-lab/haq, ``rl_quantize.py``,
 Deviations from HAQ's reference code, all towards its documented intent: its
 in-place state update makes the W/A flag 1 for activation steps and carries the
 previous episode's first action into the next episode's first state; here the flag
-is 1 exactly on weight steps and each episode starts from prev = 1.0. HAQ's warm-up
-default (``rl_quantize.py``) is 20 episodes; here it is
-``min(20, num_trials // 4)`` when the number of trials is known, so short searches
-still spend most trials on the learned policy.
+is 1 exactly on weight steps and each episode starts from prev = 1.0.
+
+Module layout: this module is the Ray Tune adapter (episodes, rewards, checkpoints);
+the agent's pieces (state features, action <-> bits, noise, networks, replay buffer,
+hyperparameters) live in ``_haq_agent.py``.
 """
 
 from __future__ import annotations
@@ -79,281 +80,62 @@ import copy
 import math
 import os
 import tempfile
+import warnings
 from dataclasses import asdict, dataclass, fields
-from statistics import NormalDist
 
 import numpy as np
 import torch
 from ray.tune.search import Searcher
 from torch import nn
 
-from hardware import BITS, MAX_BITS, MIN_BITS, NUM_BITS, LayerSpec
-from search_spaces import AllowedBits, config_from_policy, parse_policy
+from hardware import MAX_BITS, MIN_BITS
+from search_spaces import config_from_policy, parse_policy
 from search_spaces import metrics as M
 
 from ._base import SearchProblem, SearchPropertiesMixin
+from ._haq_agent import (
+    _NUM_STATIC,
+    NUM_FEATURES,
+    REWARD_FACTOR,
+    STATE_FEATURES,
+    Actor,
+    Critic,
+    HAQConfig,
+    ReplayBuffer,
+    action_to_bits,
+    bits_to_action,
+    episode_states,
+    layer_features,
+    range_mask,
+    step_mask,
+    truncated_normal,
+)
 from ._registry import register_searcher
 from .uniform import check_space
 
-NUM_FEATURES = 10
-STATE_FEATURES = (
-    "layer_index",
-    "depthwise",
-    "in_channels",
-    "out_channels",
-    "stride",
-    "kernel",
-    "weights",
-    "input_fmap",
-    "is_weight_step",
-    "prev_action",
-)
-_NUM_STATIC = 8  # the first 8 features are per layer; the last two per step
-REWARD_FACTOR = 0.1  # HAQ: reward = 0.1 * (acc - ref_acc)
-DEFAULT_WARMUP_EPISODES = 20  # HAQ rl_quantize.py --warmup
+__all__ = [
+    "NUM_FEATURES",
+    "STATE_FEATURES",
+    "HAQConfig",
+    "HAQSearcher",
+    "TooFewLearningEpisodesWarning",
+    "action_to_bits",
+    "bits_to_action",
+    "episode_states",
+    "layer_features",
+    "range_mask",
+    "step_mask",
+    "truncated_normal",
+]
+
 _CHECKPOINT_VERSION = 1
-_INV_CDF = NormalDist().inv_cdf
-_SQRT2 = math.sqrt(2.0)
+# Fewer learned episodes than this after the warm-up and the agent has hardly started
+# (HAQ's searches ran 600 episodes): worth a warning, not an error.
+MIN_LEARNING_EPISODES = 20
 
 
-# ---- state, action and bits --------------------------------------------------------------
-
-
-def layer_features(layers: list[LayerSpec]) -> np.ndarray:
-    """The 8 static features per layer, min-max normalized over layers: ``[L, 8]`` float32."""
-    raw = np.array(
-        [
-            [
-                index,
-                float(spec.kind == "depthwise"),
-                spec.in_channels,
-                spec.out_channels,
-                0.0 if spec.kind == "linear" else spec.stride[0],  # HAQ: fc stride 0
-                1.0 if spec.kind == "linear" else spec.kernel[0],  # HAQ: fc kernel 1
-                spec.weights,
-                spec.in_hw[0] * spec.in_hw[1],
-            ]
-            for index, spec in enumerate(layers)
-        ],
-        dtype=np.float64,
-    )
-    low, span = raw.min(axis=0), np.ptp(raw, axis=0)
-    # A constant column carries no information: 0 rather than HAQ's raw value (e.g. 3).
-    normalized = np.where(span > 0, (raw - low) / np.where(span > 0, span, 1.0), 0.0)
-    return normalized.astype(np.float32)
-
-
-def episode_states(features: np.ndarray, bits_seq, max_bits: int) -> np.ndarray:
-    """States of the 2L steps of an episode whose bits were ``bits_seq`` (w_0, a_0, w_1, ...).
-
-    Step ``t`` acts on layer ``t // 2``; its previous action is ``bits_seq[t - 1] /
-    max_bits`` (1.0 at ``t = 0``). Returns ``[2L, 10]`` float32.
-    """
-    num_layers = features.shape[0]
-    states = np.empty((2 * num_layers, NUM_FEATURES), dtype=np.float32)
-    states[:, :_NUM_STATIC] = np.repeat(features, 2, axis=0)
-    states[:, _NUM_STATIC] = np.tile(np.array([1.0, 0.0], dtype=np.float32), num_layers)
-    prev = np.empty(2 * num_layers, dtype=np.float32)
-    prev[0] = 1.0
-    prev[1:] = np.asarray(bits_seq, dtype=np.float32)[:-1] / max_bits
-    states[:, _NUM_STATIC + 1] = prev
-    return states
-
-
-def step_mask(allowed: AllowedBits) -> np.ndarray:
-    """``[2L, 8]`` bool: the allowed widths of each step (w_0, a_0, w_1, ...)."""
-    return allowed.mask.reshape(-1, NUM_BITS)
-
-
-def range_mask(min_bits: int, max_bits: int) -> np.ndarray:
-    """``[8]`` bool: every width in [min_bits, max_bits] (one step's mask for a range)."""
-    return (min_bits <= BITS) & (max_bits >= BITS)
-
-
-def action_to_bits(actions, mask) -> np.ndarray:
-    """HAQ's mapping onto allowed widths: equal-width bins of [0, 1], one per allowed width.
-
-    ``mask``: ``[..., 8]`` bool allowed widths per action (``step_mask``), or one ``[8]``
-    mask for all. The k-th allowed width (ascending) for k = min(floor(a * n), n - 1).
-    """
-    a = np.asarray(actions, dtype=np.float64)
-    mask = np.broadcast_to(np.asarray(mask, dtype=bool), a.shape + (NUM_BITS,))
-    counts = mask.sum(axis=-1)
-    k = np.minimum(np.floor(a * counts), counts - 1)
-    # The k-th allowed width is the first whose running count of allowed widths exceeds k.
-    return (np.cumsum(mask, axis=-1) <= k[..., None]).sum(axis=-1) + MIN_BITS
-
-
-def bits_to_action(bits, mask) -> np.ndarray:
-    """The centre of each allowed width's action bin (inverse of ``action_to_bits``)."""
-    b = np.asarray(bits, dtype=np.int64)
-    mask = np.broadcast_to(np.asarray(mask, dtype=bool), b.shape + (NUM_BITS,))
-    rank = np.take_along_axis(np.cumsum(mask, axis=-1), (b - MIN_BITS)[..., None], axis=-1)[..., 0]
-    return (rank - 0.5) / mask.sum(axis=-1)
-
-
-def truncated_normal(mu: float, sigma: float, u: float) -> float:
-    """Inverse-CDF draw from N(mu, sigma) truncated to [0, 1], for a uniform ``u`` in [0, 1)."""
-    scale = sigma * _SQRT2
-    cdf_low = 0.5 * math.erfc(mu / scale)  # Phi((0 - mu) / sigma)
-    cdf_high = 0.5 * math.erfc((mu - 1.0) / scale)  # Phi((1 - mu) / sigma)
-    p = min(max(cdf_low + u * (cdf_high - cdf_low), 1e-300), 1.0 - 1e-16)
-    return min(max(mu + sigma * _INV_CDF(p), 0.0), 1.0)
-
-
-# ---- options -------------------------------------------------------------------------------
-
-
-def _check_int(name: str, value, low: int, *, optional: bool = False) -> None:
-    if optional and value is None:
-        return
-    if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < low:
-        none = " or None" if optional else ""
-        raise ValueError(f"{name}: expected an integer >= {low}{none}, got {value!r}")
-
-
-def _check_float(name: str, value, low: float, high: float, *, low_open: bool = False) -> None:
-    ok = isinstance(value, int | float | np.floating) and not isinstance(value, bool)
-    ok = ok and math.isfinite(value) and (value > low if low_open else value >= low) and value <= high
-    if not ok:
-        bracket = "(" if low_open else "["
-        raise ValueError(f"{name}: expected a number in {bracket}{low}, {high}], got {value!r}")
-
-
-@dataclass(frozen=True, kw_only=True)
-class HAQConfig:
-    """DDPG hyperparameters; defaults are HAQ's (``rl_quantize.py``) except ``updates_per_episode``."""
-
-    hidden1: int = 300
-    hidden2: int = 300
-    lr_actor: float = 1e-4
-    lr_critic: float = 1e-3
-    tau: float = 0.01  # soft target update
-    discount: float = 1.0
-    batch_size: int = 64
-    replay_per_layer: int = 128  # HAQ rmsize: replay capacity = 128 steps per layer
-    warmup: int | None = None  # random episodes; None = min(20, num_trials // 4), or 20
-    init_noise: float = 0.5  # truncated-normal sigma at the first learned episode
-    noise_decay: float = 0.99  # sigma multiplier per episode
-    baseline_alpha: float = 0.5  # moving-average rate of the reward baseline (per batch)
-    reward_scale: float = 100.0  # accuracy fraction -> HAQ's percent
-    updates_per_episode: int | None = 2  # None = 2L, one per stored step as HAQ
-
-    def __post_init__(self) -> None:
-        _check_int("hidden1", self.hidden1, 1)
-        _check_int("hidden2", self.hidden2, 1)
-        _check_float("lr_actor", self.lr_actor, 0.0, 1.0, low_open=True)
-        _check_float("lr_critic", self.lr_critic, 0.0, 1.0, low_open=True)
-        _check_float("tau", self.tau, 0.0, 1.0, low_open=True)
-        _check_float("discount", self.discount, 0.0, 1.0)
-        _check_int("batch_size", self.batch_size, 1)
-        _check_int("replay_per_layer", self.replay_per_layer, 1)
-        _check_int("warmup", self.warmup, 0, optional=True)
-        _check_float("init_noise", self.init_noise, 0.0, 10.0, low_open=True)
-        _check_float("noise_decay", self.noise_decay, 0.0, 1.0, low_open=True)
-        _check_float("baseline_alpha", self.baseline_alpha, 0.0, 1.0)
-        _check_float("reward_scale", self.reward_scale, 0.0, 1e6, low_open=True)
-        _check_int("updates_per_episode", self.updates_per_episode, 0, optional=True)
-
-
-# ---- networks ------------------------------------------------------------------------------
-
-
-def _linear(n_in: int, n_out: int, generator: torch.Generator) -> nn.Linear:
-    """``nn.Linear`` with PyTorch's default init drawn from ``generator``, not the global RNG."""
-    layer = nn.utils.skip_init(nn.Linear, n_in, n_out)
-    nn.init.kaiming_uniform_(layer.weight, a=math.sqrt(5), generator=generator)
-    bound = 1.0 / math.sqrt(n_in)
-    nn.init.uniform_(layer.bias, -bound, bound, generator=generator)
-    return layer
-
-
-class Actor(nn.Module):
-    """HAQ's actor: state -> 300 -> 300 -> 1, ReLU, sigmoid output in [0, 1]."""
-
-    def __init__(self, hidden1: int, hidden2: int, generator: torch.Generator) -> None:
-        super().__init__()
-        self.fc1 = _linear(NUM_FEATURES, hidden1, generator)
-        self.fc2 = _linear(hidden1, hidden2, generator)
-        self.fc3 = _linear(hidden2, 1, generator)
-
-    def forward(self, state: torch.Tensor) -> torch.Tensor:
-        h = torch.relu(self.fc1(state))
-        h = torch.relu(self.fc2(h))
-        return torch.sigmoid(self.fc3(h))
-
-
-class Critic(nn.Module):
-    """HAQ's critic: relu(W_s s + W_a a) -> 300 -> 1."""
-
-    def __init__(self, hidden1: int, hidden2: int, generator: torch.Generator) -> None:
-        super().__init__()
-        self.fc_state = _linear(NUM_FEATURES, hidden1, generator)
-        self.fc_action = _linear(1, hidden1, generator)
-        self.fc2 = _linear(hidden1, hidden2, generator)
-        self.fc3 = _linear(hidden2, 1, generator)
-
-    def forward(self, state: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
-        h = torch.relu(self.fc_state(state) + self.fc_action(action))
-        h = torch.relu(self.fc2(h))
-        return self.fc3(h)
-
-
-class ReplayBuffer:
-    """Ring buffer of transitions (s, a, r, s', not_done) in flat float32 arrays."""
-
-    _FIELDS = ("states", "actions", "rewards", "next_states", "not_done")
-
-    def __init__(self, capacity: int) -> None:
-        self.capacity = capacity
-        self.states = np.zeros((capacity, NUM_FEATURES), dtype=np.float32)
-        self.actions = np.zeros((capacity, 1), dtype=np.float32)
-        self.rewards = np.zeros((capacity, 1), dtype=np.float32)
-        self.next_states = np.zeros((capacity, NUM_FEATURES), dtype=np.float32)
-        self.not_done = np.zeros((capacity, 1), dtype=np.float32)
-        self.position = 0  # next slot to write
-        self.size = 0
-
-    def __len__(self) -> int:
-        return self.size
-
-    def push(self, states, actions, rewards, next_states, not_done) -> None:
-        n = len(states)
-        if n > self.capacity:  # only the newest transitions fit
-            states, actions, rewards, next_states, not_done = (
-                np.asarray(x)[-self.capacity:] for x in (states, actions, rewards, next_states, not_done))
-            n = self.capacity
-        idx = (self.position + np.arange(n)) % self.capacity
-        self.states[idx] = states
-        self.actions[idx, 0] = actions
-        self.rewards[idx, 0] = rewards
-        self.next_states[idx] = next_states
-        self.not_done[idx, 0] = not_done
-        self.position = int((self.position + n) % self.capacity)
-        self.size = min(self.size + n, self.capacity)
-
-    def sample(self, rng: np.random.Generator, batch_size: int) -> tuple[torch.Tensor, ...]:
-        # Without replacement once there is enough data (as HAQ's memory).
-        idx = rng.choice(self.size, size=batch_size, replace=self.size < batch_size)
-        return tuple(torch.from_numpy(getattr(self, f)[idx]) for f in self._FIELDS)
-
-    def state_dict(self) -> dict:
-        n = self.size
-        # Store in chronological order so the ring can be rebuilt at any capacity.
-        order = (np.arange(n) + (self.position - n)) % self.capacity
-        out = {f: torch.from_numpy(getattr(self, f)[order].copy()) for f in self._FIELDS}
-        out["capacity"] = self.capacity
-        return out
-
-    def load_state_dict(self, state: dict) -> None:
-        self.__init__(int(state["capacity"]))
-        data = {f: state[f].numpy() for f in self._FIELDS}
-        n = len(data["states"])
-        for f in self._FIELDS:
-            getattr(self, f)[:n] = data[f]
-        self.size = n
-        self.position = n % self.capacity
-
+class TooFewLearningEpisodesWarning(UserWarning):
+    """``num_trials`` leaves the agent few episodes after its random warm-up."""
 
 @dataclass
 class _Episode:
@@ -388,18 +170,23 @@ class HAQSearcher(SearchPropertiesMixin, Searcher):
         super().__init__(metric=problem.metric, mode=problem.mode)
         self.problem = problem
         self._setup(HAQConfig(**options))
+        learning = None if problem.num_trials is None else problem.num_trials - self.warmup
+        if learning is not None and learning < MIN_LEARNING_EPISODES:
+            warnings.warn(
+                f"haq: num_trials={problem.num_trials} leaves {max(learning, 0)} learned episodes "
+                f"after {self.warmup} random warm-up episodes (HAQ's searches ran 600): expected "
+                f"num_trials >= {self.warmup + MIN_LEARNING_EPISODES}, or a smaller "
+                "searcher_options.warmup",
+                TooFewLearningEpisodesWarning,
+                stacklevel=3,
+            )
 
     def _setup(self, config: HAQConfig) -> None:
         problem = self.problem
         self.config = config
         num_layers = problem.num_layers
         self.num_steps = 2 * num_layers
-        if config.warmup is not None:
-            self.warmup = config.warmup
-        elif problem.num_trials is not None:
-            self.warmup = min(DEFAULT_WARMUP_EPISODES, problem.num_trials // 4)
-        else:
-            self.warmup = DEFAULT_WARMUP_EPISODES
+        self.warmup = config.warmup
         self.updates_per_episode = (
             self.num_steps if config.updates_per_episode is None else config.updates_per_episode
         )
@@ -657,7 +444,10 @@ class HAQSearcher(SearchPropertiesMixin, Searcher):
             raise ValueError(
                 f"haq checkpoint {checkpoint_path}: expected the same network, got different layer shapes"
             )
-        self._setup(HAQConfig(**state["config"]))
+        config = dict(state["config"])
+        if config.get("warmup") is None:  # written when None meant "derive from num_trials"
+            config["warmup"] = state["warmup"]
+        self._setup(HAQConfig(**config))
         self._metric, self._mode = state["metric"], state["mode"]
         self.warmup = state["warmup"]
         for name in ("actor", "critic", "actor_target", "critic_target", "actor_optim", "critic_optim"):
