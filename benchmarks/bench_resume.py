@@ -5,7 +5,7 @@ directory; its whole process group is SIGKILLed, then ``haqtune resume`` (from a
 working directory) continues it; that repeats for every kill point, and a last resume
 runs to the end. Kill points, in a seeded random order:
 
-- ``random``: a uniform random time after the first trial line (or the start-up);
+- ``random``: a uniform random time (0-20 s) after the driver's trials started;
 - ``mlflow``: the moment the MLflow sqlite store is being written (its ``-journal``
   file exists);
 - ``searcher``: the moment a searcher state file is being saved (Ray's temp file of
@@ -57,19 +57,37 @@ def _children(uri: str) -> list:
             if "mlflow.parentRunId" in r.data.tags]
 
 
-def _wait_for(proc, mode: str, rng: random.Random, store: Path, timeout_s: float) -> str:
-    """Block until the kill moment of ``mode``; returns what was hit."""
-    start = time.monotonic()
-    delay = rng.uniform(3.0, 25.0)
+def _states(root: Path) -> int:
+    """Experiment-state files of the search (a driver writes its own once its trials run)."""
+    return len(glob.glob(str(root / "haqtune_runs" / "*" / "experiment_state-*.json")))
+
+
+def _wait_for(proc, mode: str, rng: random.Random, root: Path, store: Path, timeout_s: float) -> str:
+    """Block until the kill moment of ``mode``; returns what was hit.
+
+    Armed once this driver's Tune loop runs (it has saved its first experiment state),
+    so every kill interrupts a running search, never the start-up before it.
+    """
+    start, states_at_start, armed = time.monotonic(), _states(root), None
+    delay = rng.uniform(0.0, 20.0)
+    searcher_tmp = None
     while proc.poll() is None and time.monotonic() - start < timeout_s:
-        elapsed = time.monotonic() - start
-        if mode == "random" and elapsed >= delay:
-            return f"random at {elapsed:.1f} s"
-        if mode == "mlflow" and elapsed > 3 and Path(f"{store}-journal").exists():
-            return f"during an MLflow write at {elapsed:.1f} s"
-        if mode == "searcher" and elapsed > 3 and glob.glob(
-                "/tmp/ray/session_*/artifacts/*/*/driver_artifacts/.*-tmp-searcher-state-*"):
-            return f"during a searcher state save at {elapsed:.1f} s"
+        now = time.monotonic()
+        if armed is None:
+            if _states(root) > states_at_start:
+                armed = now
+                search_id = Path(glob.glob(str(root / "haqtune_runs" / "*" / "config.yaml"))[0]).parent.name
+                searcher_tmp = (f"/tmp/ray/session_*/artifacts/*/{search_id}/driver_artifacts/"
+                                ".*-tmp-searcher-state-*")
+            time.sleep(0.05)
+            continue
+        since = now - armed
+        if mode == "random" and since >= delay:
+            return f"random, {since:.1f} s into the trials"
+        if mode == "mlflow" and Path(f"{store}-journal").exists():
+            return f"during an MLflow write, {since:.1f} s into the trials"
+        if mode == "searcher" and glob.glob(searcher_tmp):
+            return f"during a searcher state save, {since:.1f} s into the trials"
         time.sleep(POLL_S if mode != "random" else 0.05)
     return f"{mode} not hit in {timeout_s:.0f} s (process ended or timed out)"
 
@@ -107,7 +125,7 @@ def main() -> None:
                 print(f"final resume: exit {proc.returncode}" + ("" if ok else f"\n{err[-2000:]}"))
                 resumed += ok
                 break
-            hit = _wait_for(proc, mode, rng, store, timeout_s=600)
+            hit = _wait_for(proc, mode, rng, root, store, timeout_s=900)
             alive = proc.poll() is None
             if alive:
                 os.killpg(proc.pid, signal.SIGKILL)
