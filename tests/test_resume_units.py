@@ -245,3 +245,34 @@ def test_reaper_kills_what_a_sigkilled_driver_started(tmp_path):
     if alive:
         os.kill(helper, signal.SIGKILL)
     assert not alive, "the driver's helper outlived it"
+
+
+class _Trial:
+    def __init__(self, trial_id, acc, policy, checkpoint, status="TERMINATED"):
+        self.trial_id, self.status, self.checkpoint = trial_id, status, checkpoint
+        self.last_result = {M.VAL_ACC: acc, M.POLICY: policy, M.DONE: 1}
+
+
+def test_checkpoint_keeper_deletes_outside_the_top_k_only_once_the_state_is_saved(tmp_path):
+    from ray.tune import Checkpoint
+
+    def checkpoint(name):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "quantized_model.pt").write_bytes(b"x")
+        return Checkpoint.from_directory(str(tmp_path / name))
+
+    old = _Trial("old", 0.5, "p0", checkpoint("old"))  # finished in an earlier driver: saved
+    a = _Trial("a", 0.7, "p1", checkpoint("a"), status="RUNNING")
+    b = _Trial("b", 0.9, "p2", checkpoint("b"), status="RUNNING")
+    trials = [old, a, b]
+    keeper = cb.CheckpointKeeper(top_k=1)
+    keeper.on_trial_complete(3, trials, a)  # a is best so far; old is out and safe
+    assert not (tmp_path / "old").exists() and (tmp_path / "a").exists()
+    a.status = "TERMINATED"
+    keeper.on_trial_complete(5, trials, b)  # a drops out, but the saved state has it running
+    b.status = "TERMINATED"
+    keeper.on_step_begin(6, trials)
+    assert (tmp_path / "a").exists() and (tmp_path / "b").exists()
+    keeper.on_checkpoint(4, trials, b, None)  # a save at the end of step 4: a (completed at 3) is safe
+    keeper.on_step_begin(7, trials)
+    assert not (tmp_path / "a").exists() and (tmp_path / "b").exists()
