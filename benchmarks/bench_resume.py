@@ -41,6 +41,7 @@ from pathlib import Path
 
 HAQTUNE = str(Path(sys.executable).with_name("haqtune"))
 POLL_S = 0.002
+TARGET_WAIT_S = 60.0  # a targeted kill not seen by then is made at that time instead
 
 
 def _env() -> dict:
@@ -80,8 +81,9 @@ def _wait_for(proc, mode: str, rng: random.Random, root: Path, store: Path, time
             if _states(root) > states_at_start:
                 armed = now
                 search_id = Path(glob.glob(str(root / "haqtune_runs" / "*" / "config.yaml"))[0]).parent.name
-                searcher_tmp = (f"/tmp/ray/session_*/artifacts/*/{search_id}/driver_artifacts/"
-                                ".*-tmp-searcher-state-*")
+                # Ray's temp name for the searcher state, and the searcher's own temp file
+                # (HAQ writes ``.haq-*.tmp``, then Ray renames twice).
+                searcher_tmp = f"/tmp/ray/session_*/artifacts/*/{search_id}/driver_artifacts/.*tmp*"
             time.sleep(0.05)
             continue
         since = now - armed
@@ -91,6 +93,8 @@ def _wait_for(proc, mode: str, rng: random.Random, root: Path, store: Path, time
             return f"during an MLflow write, {since:.1f} s into the trials"
         if mode == "searcher" and glob.glob(searcher_tmp):
             return f"during a searcher state save, {since:.1f} s into the trials"
+        if mode != "random" and since > TARGET_WAIT_S:
+            return f"{mode} moment not seen in {TARGET_WAIT_S:.0f} s; killed at {since:.1f} s into the trials"
         time.sleep(POLL_S if mode != "random" else 0.05)
     return f"{mode} not hit in {timeout_s:.0f} s (process ended or timed out)"
 
