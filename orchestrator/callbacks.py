@@ -155,22 +155,57 @@ class CheckpointKeeper(Callback):
 
     Each finished trial reports one checkpoint (its fine-tuned quantized model); Tune's
     ``CheckpointConfig`` keeps checkpoints per trial, this keeps them per search. A
-    trial that drops out of the top k never returns to it (its val_acc is final), so
-    deleting is safe at any time; the ranking is recomputed from Tune's trials.
+    trial that drops out of the top k never returns to it (its val_acc is final); the
+    ranking is recomputed from Tune's trials.
+
+    A checkpoint is deleted only once Tune's saved experiment state has its trial
+    finished: a trial the state still has running is restored from its checkpoint
+    after a crash (it then reports its final result again instead of training again).
+    Tune saves the state at the end of every step in which a trial checkpointed
+    (``CheckpointConfig(num_to_keep=1)``), and at the end of the experiment; so a trial
+    that completed at step c is safe once some trial checkpointed at a step >= c.
+    Trials finished in an earlier driver's session come from the saved state: safe.
     """
 
     def __init__(self, top_k: int) -> None:
         self.top_k = top_k
+        self._completed_at: dict[str, int] = {}
+        self._saved_through = -1
+        self._dirty = False  # a save happened since the last pruning
+        self._gone: set[str] = set()  # trial ids whose checkpoint is deleted (or never was)
+
+    def on_checkpoint(self, iteration, trials, trial, checkpoint, **info):
+        self._saved_through = max(self._saved_through, iteration)
+        self._dirty = True
 
     def on_trial_complete(self, iteration, trials, trial, **info):
-        rows = [{"trial_id": t.trial_id, "status": trial_status(t, completing=t is trial),
+        self._completed_at[trial.trial_id] = iteration
+        self._prune(trials, completing=trial)
+
+    def on_step_begin(self, iteration, trials, **info):
+        if self._dirty:
+            self._prune(trials)
+
+    def on_experiment_end(self, trials, **info):
+        self._saved_through = float("inf")  # Tune saved the final state just before
+        self._prune(trials)
+
+    def _prune(self, trials, completing=None) -> None:
+        self._dirty = False
+        rows = [{"trial_id": t.trial_id, "status": trial_status(t, completing=t is completing),
                  M.VAL_ACC: (t.last_result or {}).get(M.VAL_ACC),
                  M.POLICY: (t.last_result or {}).get(M.POLICY), "trial": t} for t in trials]
         keep = {r["trial_id"] for r in ranked_trials(rows, self.top_k)}
         for row in rows:
+            tid = row["trial_id"]
+            if tid in keep or tid in self._gone or row["status"] != "FINISHED":
+                continue
+            if self._completed_at.get(tid, -1) > self._saved_through:
+                continue  # not in a saved state yet: pruned after the next save
             checkpoint = row["trial"].checkpoint
-            if row["trial_id"] not in keep and checkpoint is not None and row["status"] == "FINISHED":
+            if checkpoint is not None and checkpoint_exists(checkpoint):
                 delete_checkpoint(checkpoint)
+            self._gone.add(tid)
 
 
 def delete_checkpoint(checkpoint) -> None:

@@ -21,7 +21,7 @@ def _run_search(prepared, **kwargs) -> None:
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         run(prepared, echo=click.echo, **kwargs)
-    except SearchInterrupted:
+    except SearchInterrupted:  # the search printed how to resume
         sys.exit(EXIT_INTERRUPTED)
     except KeyboardInterrupt:
         click.echo("\nhaqtune: interrupted", err=True)

@@ -199,6 +199,19 @@ def _init_ray(address: str | None) -> None:
     # gone, wait forever for) whatever cluster /tmp/ray/ray_current_cluster names.
     ray.init(address=address or "local", include_dashboard=False, log_to_driver=False,
              configure_logging=True, logging_level="ERROR")
+    if address is None and Path("/proc").is_dir():
+        _start_reaper()
+
+
+def _start_reaper() -> None:
+    """Ray's helper processes of this driver's local instance die with it, even on
+    SIGKILL (``orchestrator/_reaper.py``)."""
+    import subprocess
+    import sys
+
+    subprocess.Popen([sys.executable, str(Path(__file__).with_name("_reaper.py")), str(os.getpid())],
+                     stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                     start_new_session=True, close_fds=True)
 
 
 def _scheduler(config: SearchConfig):
@@ -257,15 +270,18 @@ def run(prepared: PreparedSearch, *, echo=print, search_id: str | None = None,
     tracker.start()
     try:
         results = run_tuner(plan, context, searcher, tracker, echo)
-    except SearchInterrupted:
+        summary = summarize(results, context, plan, tracker, started, echo, prepared.layers)
+    except (SearchInterrupted, KeyboardInterrupt):
         tracker.end("KILLED")
-        echo(f"\nhaqtune: interrupted: running trials were stopped and the search state saved; "
-             f"continue with:\n  haqtune resume {plan.search_dir}")
+        if (plan.search_dir / "tuner.pkl").exists():
+            echo(f"\nhaqtune: interrupted: running trials were stopped and the search state saved; "
+                 f"continue with:\n  haqtune resume {plan.search_dir}")
+        else:
+            echo("\nhaqtune: interrupted before the first trial started: nothing to resume")
         raise
     except BaseException:
         tracker.end("KILLED")
         raise
-    summary = summarize(results, context, plan, tracker, started, echo, prepared.layers)
     tracker.end("FINISHED")
     return summary
 

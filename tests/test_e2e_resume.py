@@ -78,7 +78,9 @@ def _children_by_trial(uri: str) -> dict:
 
 
 def _newest(search_dir: Path, pattern: str) -> Path:
-    return max(search_dir.glob(pattern), key=lambda p: p.stat().st_mtime)
+    # By the driver session's timestamp in the name: a resumed driver re-uploads the
+    # first session's files too, so modification times do not tell them apart.
+    return max(search_dir.glob(pattern), key=lambda p: p.name)
 
 
 def _searcher_counters(search_dir: Path, searcher: str) -> dict:

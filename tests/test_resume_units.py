@@ -209,3 +209,70 @@ def test_trial_numbers_are_claimed_once_in_start_order(tmp_path):
 
     assert [_trial_number(tmp_path, t) for t in ("a", "b", "a", "c", "b")] == [1, 2, 1, 3, 2]
     assert sorted(os.listdir(tmp_path)) == ["id-a", "id-b", "id-c", "number-1", "number-2", "number-3"]
+
+
+# ---- Ray's helpers die with a SIGKILLed driver ---------------------------------------------
+
+
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="the reaper reads /proc (Linux)")
+def test_reaper_kills_what_a_sigkilled_driver_started(tmp_path):
+    import subprocess
+    import sys
+    import time
+
+    import orchestrator
+
+    reaper = Path(orchestrator.__file__).with_name("_reaper.py")
+    # A driver that starts a helper in its own session (as Ray's agents end up: orphaned,
+    # outside the driver's process group) and the reaper, then waits to be killed.
+    driver_code = (
+        "import subprocess, sys, time\n"
+        "helper = subprocess.Popen(['sleep', '300'], start_new_session=True)\n"
+        f"subprocess.Popen([sys.executable, {str(reaper)!r}, str(__import__('os').getpid())],"
+        " start_new_session=True)\n"
+        "print(helper.pid, flush=True)\n"
+        "time.sleep(300)\n")
+    driver = subprocess.Popen([sys.executable, "-c", driver_code], stdout=subprocess.PIPE, text=True)
+    helper = int(driver.stdout.readline())
+    time.sleep(2.5)  # the reaper's first scans
+    os.kill(driver.pid, signal.SIGKILL)
+    driver.wait()
+    deadline = time.time() + 15
+    while time.time() < deadline and Path(f"/proc/{helper}").exists() and \
+            Path(f"/proc/{helper}/stat").read_text().split()[2] != "Z":
+        time.sleep(0.2)
+    alive = Path(f"/proc/{helper}").exists() and Path(f"/proc/{helper}/stat").read_text().split()[2] != "Z"
+    if alive:
+        os.kill(helper, signal.SIGKILL)
+    assert not alive, "the driver's helper outlived it"
+
+
+class _Trial:
+    def __init__(self, trial_id, acc, policy, checkpoint, status="TERMINATED"):
+        self.trial_id, self.status, self.checkpoint = trial_id, status, checkpoint
+        self.last_result = {M.VAL_ACC: acc, M.POLICY: policy, M.DONE: 1}
+
+
+def test_checkpoint_keeper_deletes_outside_the_top_k_only_once_the_state_is_saved(tmp_path):
+    from ray.tune import Checkpoint
+
+    def checkpoint(name):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "quantized_model.pt").write_bytes(b"x")
+        return Checkpoint.from_directory(str(tmp_path / name))
+
+    old = _Trial("old", 0.5, "p0", checkpoint("old"))  # finished in an earlier driver: saved
+    a = _Trial("a", 0.7, "p1", checkpoint("a"), status="RUNNING")
+    b = _Trial("b", 0.9, "p2", checkpoint("b"), status="RUNNING")
+    trials = [old, a, b]
+    keeper = cb.CheckpointKeeper(top_k=1)
+    keeper.on_trial_complete(3, trials, a)  # a is best so far; old is out and safe
+    assert not (tmp_path / "old").exists() and (tmp_path / "a").exists()
+    a.status = "TERMINATED"
+    keeper.on_trial_complete(5, trials, b)  # a drops out, but the saved state has it running
+    b.status = "TERMINATED"
+    keeper.on_step_begin(6, trials)
+    assert (tmp_path / "a").exists() and (tmp_path / "b").exists()
+    keeper.on_checkpoint(4, trials, b, None)  # a save at the end of step 4: a (completed at 3) is safe
+    keeper.on_step_begin(7, trials)
+    assert not (tmp_path / "a").exists() and (tmp_path / "b").exists()
