@@ -52,7 +52,8 @@ class SearchConfig:
     """A whole search. The defaults are the embedded demo (digits, DemoNet, local Ray)."""
 
     searcher: str = "haq"
-    num_trials: int = 20
+    # 20 of them are haq's random warm-up episodes (HAQ's own), 40 learned ones follow.
+    num_trials: int = 60
     max_concurrent: int = 2
     scheduler: str = "fifo"
     seed: int = 0

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import secrets
 import time
+import warnings
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -351,7 +352,14 @@ def build_searcher(plan: SearchPlan, prepared: PreparedSearch, context, echo):
     options = dict(config.searcher_options)
     if options.pop(HISTORY_OPTION, False):  # seed the searcher from earlier searches' trials
         options["history"] = experiment_history(config, prepared, echo)
-    return make_searcher(config.searcher, problem, **options)
+    # A searcher's warnings (e.g. haq: too few trials after its warm-up) as one plain line
+    # each, not a Python warning with a source line.
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        searcher = make_searcher(config.searcher, problem, **options)
+    for warning in caught:
+        echo(f"haqtune: warning: {warning.message}")
+    return searcher
 
 
 def build_tracker(plan: SearchPlan, prepared: PreparedSearch):
