@@ -591,8 +591,13 @@ def summarize(results, context, plan: SearchPlan, tracker, started: float, echo,
         # The uniform 8-bit policy, fine-tuned and tested like the best ones (not projected:
         # it is what every reduction is measured against), so the accuracy loss vs 8-bit
         # can be read off any search.
-        eight = evaluate_uniform8(plan, context)
-        reference = {**reference, M.VAL_ACC: eight[M.VAL_ACC], M.TEST_ACC: eight[M.TEST_ACC]}
+        try:
+            eight = evaluate_uniform8(plan, context)
+            reference = {**reference, M.VAL_ACC: eight[M.VAL_ACC], M.TEST_ACC: eight[M.TEST_ACC]}
+        except Exception as exc:  # a comparison point: a failed fine-tune must not lose the search
+            last = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+            echo(f"haqtune: warning: the uniform 8-bit policy's fine-tune failed ({last}); "
+                 "its test accuracy is not reported")
     summary = {
         "search_id": search_id, "searcher": config.searcher, "num_trials": int(len(frame)),
         "failed_trials": int((frame["status"] == "FAILED").sum()),
