@@ -42,6 +42,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from ._nets import seeded_linear
+
 LOSSES = ("hinge", "wgan-gp")
 EXPORT_VERSION = 1
 _EPS = 1e-10
@@ -101,15 +103,6 @@ class GANConfig:
 GAN_OPTIONS = frozenset(f.name for f in fields(GANConfig))
 
 
-def _linear(n_in: int, n_out: int, generator: torch.Generator) -> nn.Linear:
-    """``nn.Linear`` with PyTorch's default init drawn from ``generator``."""
-    layer = nn.utils.skip_init(nn.Linear, n_in, n_out)
-    nn.init.kaiming_uniform_(layer.weight, a=math.sqrt(5), generator=generator)
-    bound = 1.0 / math.sqrt(n_in)
-    nn.init.uniform_(layer.bias, -bound, bound, generator=generator)
-    return layer
-
-
 class Generator(nn.Module):
     """[noise, target quantile] -> logits ``[B, L, 2, K]``."""
 
@@ -118,9 +111,9 @@ class Generator(nn.Module):
         super().__init__()
         self.shape = (num_layers, 2, num_choices)
         self.net = nn.Sequential(
-            _linear(noise_dim + 1, hidden, generator), nn.LeakyReLU(0.2),
-            _linear(hidden, hidden, generator), nn.LeakyReLU(0.2),
-            _linear(hidden, num_layers * 2 * num_choices, generator))
+            seeded_linear(noise_dim + 1, hidden, generator), nn.LeakyReLU(0.2),
+            seeded_linear(hidden, hidden, generator), nn.LeakyReLU(0.2),
+            seeded_linear(hidden, num_layers * 2 * num_choices, generator))
 
     def forward(self, noise: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         logits = self.net(torch.cat([noise, target[:, None]], dim=1))
@@ -133,10 +126,10 @@ class Discriminator(nn.Module):
     def __init__(self, in_dim: int, hidden: int, generator: torch.Generator) -> None:
         super().__init__()
         self.body = nn.Sequential(
-            _linear(in_dim, hidden, generator), nn.LeakyReLU(0.2),
-            _linear(hidden, hidden, generator), nn.LeakyReLU(0.2))
-        self.adv = _linear(hidden, 1, generator)
-        self.reg = _linear(hidden, 1, generator)
+            seeded_linear(in_dim, hidden, generator), nn.LeakyReLU(0.2),
+            seeded_linear(hidden, hidden, generator), nn.LeakyReLU(0.2))
+        self.adv = seeded_linear(hidden, 1, generator)
+        self.reg = seeded_linear(hidden, 1, generator)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         h = self.body(x)

@@ -18,6 +18,8 @@ from torch import nn
 from hardware import BITS, MIN_BITS, NUM_BITS, LayerSpec
 from search_spaces import AllowedBits
 
+from ._nets import seeded_linear
+
 NUM_FEATURES = 10
 STATE_FEATURES = (
     "layer_index",
@@ -181,23 +183,14 @@ class HAQConfig:
 # ---- networks ------------------------------------------------------------------------------
 
 
-def _linear(n_in: int, n_out: int, generator: torch.Generator) -> nn.Linear:
-    """``nn.Linear`` with PyTorch's default init drawn from ``generator``, not the global RNG."""
-    layer = nn.utils.skip_init(nn.Linear, n_in, n_out)
-    nn.init.kaiming_uniform_(layer.weight, a=math.sqrt(5), generator=generator)
-    bound = 1.0 / math.sqrt(n_in)
-    nn.init.uniform_(layer.bias, -bound, bound, generator=generator)
-    return layer
-
-
 class Actor(nn.Module):
     """HAQ's actor: state -> 300 -> 300 -> 1, ReLU, sigmoid output in [0, 1]."""
 
     def __init__(self, hidden1: int, hidden2: int, generator: torch.Generator) -> None:
         super().__init__()
-        self.fc1 = _linear(NUM_FEATURES, hidden1, generator)
-        self.fc2 = _linear(hidden1, hidden2, generator)
-        self.fc3 = _linear(hidden2, 1, generator)
+        self.fc1 = seeded_linear(NUM_FEATURES, hidden1, generator)
+        self.fc2 = seeded_linear(hidden1, hidden2, generator)
+        self.fc3 = seeded_linear(hidden2, 1, generator)
 
     def forward(self, state: torch.Tensor) -> torch.Tensor:
         h = torch.relu(self.fc1(state))
@@ -210,10 +203,10 @@ class Critic(nn.Module):
 
     def __init__(self, hidden1: int, hidden2: int, generator: torch.Generator) -> None:
         super().__init__()
-        self.fc_state = _linear(NUM_FEATURES, hidden1, generator)
-        self.fc_action = _linear(1, hidden1, generator)
-        self.fc2 = _linear(hidden1, hidden2, generator)
-        self.fc3 = _linear(hidden2, 1, generator)
+        self.fc_state = seeded_linear(NUM_FEATURES, hidden1, generator)
+        self.fc_action = seeded_linear(1, hidden1, generator)
+        self.fc2 = seeded_linear(hidden1, hidden2, generator)
+        self.fc3 = seeded_linear(hidden2, 1, generator)
 
     def forward(self, state: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
         h = torch.relu(self.fc_state(state) + self.fc_action(action))
