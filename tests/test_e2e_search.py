@@ -98,6 +98,8 @@ def test_failed_trials_do_not_kill_the_search(tmp_path):
     (["search", "bad.yaml"], "dataset_options: {classes: 4, train_per_class: 150}",
      "expected at most 139 train + val images per class"),
     (["search", "--model", "mobilenet_v2", "--dataset", "mnist"], None, "takes 3-channel images"),
+    (["search", "bad.yaml"], "model: mobilenet_v2\ndataset: imagefolder\ndata_root: no_such_dir",
+     "expected an ImageNet-layout folder with train/<class>/* and val/<class>/* images, got no train/"),
 ])
 def test_bad_input_one_line_exit_2_nothing_written(tmp_path, args, setup, message):
     if setup is not None and setup.startswith("checkpoint:"):  # a checkpoint of another architecture

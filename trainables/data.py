@@ -8,6 +8,7 @@ so every search (and every resumed search) sees the same partition.
 from __future__ import annotations
 
 import hashlib
+import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -199,6 +200,11 @@ def _imagefolder_files(root: str) -> tuple[list[str], list[int]]:
     """Class names and labels of ``root/train`` (ImageFolder's own scan: sorted, no image read)."""
     from torchvision import datasets
 
+    for split in ("train", "val"):
+        if not os.path.isdir(os.path.join(root, split)):
+            raise FileNotFoundError(
+                f"data_root {root!r}: expected an ImageNet-layout folder with train/<class>/* and "
+                f"val/<class>/* images, got no {split}/ folder in it")
     train = datasets.ImageFolder(f"{root}/train")
     return train.classes, [t for _, t in train.samples]
 
