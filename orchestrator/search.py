@@ -134,6 +134,8 @@ def _search_params(config: SearchConfig, prepared: PreparedSearch) -> dict:
         "input_shape": _shape_text(prepared.input_shape), "cost_input_size": config.cost_input_size,
         "priced_shape": _shape_text(prepared.priced_shape), "dataset_options": config.dataset_options or None,
         "reference_weights": config.reference.weights,
+        "weight_granularity": config.weight_granularity, "weight_quantizer": config.weight_quantizer,
+        "quantize": config.quantize,
     }
 
 
@@ -442,7 +444,11 @@ def _echo_bits(prepared: PreparedSearch, echo) -> None:
 # ``searcher_options`` flag: pass the finished trials of earlier searches of the same network,
 # data, fine-tune and bit range (any searcher, any hardware) as the searcher's ``history``.
 HISTORY_OPTION = "history_from_experiment"
-HISTORY_MATCH = ("model", "dataset", "num_layers", "min_bits", "max_bits", "finetune_epochs", "seed")
+# What a policy's accuracy depends on (not the hardware, not the searcher): earlier
+# searches that agree on all of it can seed a new one.
+HISTORY_MATCH = ("model", "dataset", "dataset_options", "input_shape", "reference_weights", "num_layers",
+                 "min_bits", "max_bits", "finetune_epochs", "seed",
+                 "weight_granularity", "weight_quantizer", "quantize")
 
 
 def experiment_history(config: SearchConfig, prepared: PreparedSearch, echo) -> list[tuple[str, float]]:
