@@ -45,7 +45,11 @@ def main() -> None:
 @click.option("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db).")
 @click.option("--storage-dir", help="Where search state goes (default ./haqtune_runs).")
 @click.option("--address", help="Ray cluster address (e.g. auto); default starts a local Ray.")
-@click.option("--max-concurrent", type=int, help="Trials in flight at once.")
+@click.option("--max-concurrent", help="Trials in flight at once: N, or auto (default: as many as the "
+              "Ray cluster's CPUs/GPUs fit, at most num_trials).")
+@click.option("--cpus-per-trial", type=float, help="CPUs one trial asks Ray for (default 1).")
+@click.option("--gpus-per-trial", type=float, help="GPUs one trial asks Ray for (default 0; without "
+              "CUDA a trial falls back to the CPU).")
 @click.option("--scheduler", help="fifo | asha (early stopping on val_acc per epoch).")
 @click.option("--seed", type=int, help="Seed of the whole search.")
 @click.option("--model", help="demo | torchvision name | module:callable.")

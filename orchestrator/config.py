@@ -22,6 +22,7 @@ from trainables.training import TrainSettings as TrainConfig  # the config's tra
 from .errors import HaqtuneError
 
 SCHEDULERS = ("fifo", "asha")
+AUTO = "auto"  # max_concurrent: fit the cluster
 # Searchers that keep the first layer and the classifier at 8/8 unless ``fix_first_last``
 # says otherwise: HAQ's own convention, so ``haq`` reproduces the paper by default.
 FIX_FIRST_LAST_BY_DEFAULT = ("haq",)
@@ -54,7 +55,8 @@ class SearchConfig:
     searcher: str = "haq"
     # 20 of them are haq's random warm-up episodes (HAQ's own), 40 learned ones follow.
     num_trials: int = 60
-    max_concurrent: int = 2
+    # Trials in flight at once, or "auto": as many as the Ray cluster's CPUs/GPUs fit.
+    max_concurrent: int | str = AUTO
     scheduler: str = "fifo"
     seed: int = 0
     model: str = "demo"
@@ -102,7 +104,13 @@ class SearchConfig:
         except ValueError as exc:
             raise HaqtuneError(str(exc)) from None
         _check_int("num_trials", self.num_trials, minimum=1)
-        _check_int("max_concurrent", self.max_concurrent, minimum=1)
+        if self.max_concurrent != AUTO:
+            if isinstance(self.max_concurrent, str) and self.max_concurrent.strip().isdigit():
+                object.__setattr__(self, "max_concurrent", int(self.max_concurrent))  # a CLI flag's text
+            if isinstance(self.max_concurrent, str):
+                raise HaqtuneError(f"max_concurrent: expected an integer >= 1 or {AUTO!r}, "
+                                   f"got {self.max_concurrent!r}")
+            _check_int("max_concurrent", self.max_concurrent, minimum=1)
         _check_int("seed", self.seed, minimum=0)
         _check_int("max_failures", self.max_failures, minimum=0)
         _check_int("test_top_k", self.test_top_k, minimum=0)
@@ -291,3 +299,15 @@ def atomic_write_text(path: Path, text: str) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def fit_concurrency(cluster: dict, *, cpus_per_trial: float, gpus_per_trial: float, num_trials: int) -> int:
+    """Trials the cluster's resources fit at once (``max_concurrent: auto``): the CPUs
+    (and GPUs, when a trial asks for some) divided by one trial's share, capped by
+    ``num_trials``, at least 1 (an autoscaler adds nodes as pending trials ask for them)."""
+    fits = []
+    if cpus_per_trial > 0:
+        fits.append(int(cluster.get("CPU", 0) // cpus_per_trial))
+    if gpus_per_trial > 0:
+        fits.append(int(cluster.get("GPU", 0) // gpus_per_trial))
+    return max(1, min(num_trials, *fits))

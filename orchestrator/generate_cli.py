@@ -167,6 +167,7 @@ def evaluate_policies(prepared, rows: list[dict], target_acc: float, source_sear
         new_search_id,
         plan_search,
         quiet_libraries,
+        resolve_concurrency,
         results_frame,
         run_tuner,
     )
@@ -176,7 +177,7 @@ def evaluate_policies(prepared, rows: list[dict], target_acc: float, source_sear
     # The search pipeline's own steps (plan, reference, tuner), with the policies as a
     # fixed searcher: the same trainable, checkpoints, callbacks and MLflow tracking.
     prepared = dataclasses.replace(prepared, config=prepared.config.replace(num_trials=len(rows)))
-    plan = plan_search(prepared, search_id=new_search_id(GENERATE_SEARCHER))
+    plan = resolve_concurrency(plan_search(prepared, search_id=new_search_id(GENERATE_SEARCHER)), echo)
     config = plan.config
     started = time.time()
     context = build_reference(plan, prepared, echo)

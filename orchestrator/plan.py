@@ -37,9 +37,11 @@ def format_plan(prepared: PreparedSearch) -> str:
     else:
         budget = "none (accuracy only)"
     f = config.finetune
+    at_once = ("as many as the cluster fits (max_concurrent auto)" if config.max_concurrent == "auto"
+               else config.max_concurrent)
     lines = [
         "haqtune: search plan (dry run: nothing runs, nothing is written)",
-        f"search:    {config.searcher}, {config.num_trials} trials, {config.max_concurrent} at once, "
+        f"search:    {config.searcher}, {config.num_trials} trials, {at_once} at once, "
         f"scheduler {config.scheduler}, seed {config.seed}, bits {config.min_bits}..{config.max_bits}",
         f"model:     {config.model}: {len(layers)} quantizable layers, {total_macs / 1e6:.2f} M MACs, "
         f"{total_weights / 1e6:.3f} M weights; reference {reference}",
@@ -51,7 +53,7 @@ def format_plan(prepared: PreparedSearch) -> str:
         f"finetune:  {f.epochs} epochs, lr {f.lr:g}, batch {f.batch_size}"
         f"{f', at most {f.max_steps_per_epoch} steps/epoch' if f.max_steps_per_epoch else ''}",
         f"resources: {config.cpus_per_trial:g} CPU + {config.gpus_per_trial:g} GPU per trial, "
-        f"{config.max_concurrent} trials at once, Ray {config.address or 'local'}",
+        f"{at_once} trials at once, Ray {config.address or 'local'}",
         f"same cost: {cost_command(prepared)}",
         "",
     ]

@@ -6,6 +6,7 @@ so bad input fails before anything is written; ``run`` then executes the search.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import secrets
 import time
@@ -22,7 +23,7 @@ from search_spaces import metrics as M
 from trainables.data import DATASETS, DatasetFacts, DatasetOptions, check_subset, dataset_facts
 from trainables.models import apply_weights, build_model, first_conv_channels, load_weights
 
-from .config import SearchConfig, atomic_write_text
+from .config import AUTO, SearchConfig, atomic_write_text, fit_concurrency
 from .errors import HaqtuneError
 
 CONFIG_FILE = "config.yaml"
@@ -267,6 +268,7 @@ def run(prepared: PreparedSearch, *, echo=print, search_id: str | None = None,
          f"budget {plan.config.budget}, {len(prepared.layers)} layers, {plan.config.num_trials} trials; "
          f"{input_note(prepared)}; {uniform8_note(prepared)}")
     _echo_bits(prepared, echo)
+    plan = resolve_concurrency(plan, echo)
     context = build_reference(plan, prepared, echo)
     searcher = None if plan.resumed else build_searcher(plan, prepared, context, echo)
     tracker = build_tracker(plan, prepared)
@@ -309,6 +311,23 @@ def plan_search(prepared: PreparedSearch, *, search_id: str | None = None,
     search_dir.mkdir(parents=True, exist_ok=False)
     resolved.write_yaml(search_dir / CONFIG_FILE)
     return SearchPlan(resolved, search_id, search_dir, resumed=False)
+
+
+def resolve_concurrency(plan: SearchPlan, echo) -> SearchPlan:
+    """``max_concurrent: auto`` -> as many trials as the Ray cluster fits (starts Ray)."""
+    config = plan.config
+    _init_ray(config.address)
+    if config.max_concurrent != AUTO:
+        return plan
+    import ray
+
+    cluster = ray.cluster_resources()
+    n = fit_concurrency(cluster, cpus_per_trial=config.cpus_per_trial,
+                        gpus_per_trial=config.gpus_per_trial, num_trials=config.num_trials)
+    echo(f"haqtune: {n} trials at once (max_concurrent auto: {cluster.get('CPU', 0):g} CPUs, "
+         f"{cluster.get('GPU', 0):g} GPUs; a trial takes {config.cpus_per_trial:g} CPU + "
+         f"{config.gpus_per_trial:g} GPU)")
+    return dataclasses.replace(plan, config=config.replace(max_concurrent=n))
 
 
 def build_reference(plan: SearchPlan, prepared: PreparedSearch, echo):

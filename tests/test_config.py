@@ -1,4 +1,5 @@
 import dataclasses
+import re
 
 import pytest
 
@@ -106,3 +107,22 @@ def test_quantizer_options_are_validated():
     with pytest.raises(HaqtuneError, match="quantize: weights .* needs a size budget.*got latency=0.5"):
         SearchConfig(quantize="weights")
     assert SearchConfig(quantize="weights", budget=None).budget is None
+
+
+def test_max_concurrent_auto_fits_the_cluster():
+    from orchestrator.config import fit_concurrency
+
+    assert SearchConfig().max_concurrent == "auto"  # the default
+    assert SearchConfig(max_concurrent="3").max_concurrent == 3  # a CLI flag's text
+    for bad, message in (("many", "expected an integer >= 1 or 'auto', got 'many'"),
+                         ("0", "expected an integer >= 1, got 0"), (0, "expected an integer >= 1, got 0")):
+        with pytest.raises(HaqtuneError, match=re.escape(f"max_concurrent: {message}")):
+            SearchConfig(max_concurrent=bad)
+    # 8 GPUs and 64 CPUs, 1 GPU + 4 CPUs a trial: the GPUs bound it.
+    cluster = {"CPU": 64.0, "GPU": 8.0}
+    assert fit_concurrency(cluster, cpus_per_trial=4, gpus_per_trial=1, num_trials=100) == 8
+    assert fit_concurrency(cluster, cpus_per_trial=16, gpus_per_trial=1, num_trials=100) == 4  # CPUs bound
+    assert fit_concurrency(cluster, cpus_per_trial=1, gpus_per_trial=0, num_trials=20) == 20  # num_trials caps
+    assert fit_concurrency({"CPU": 2.0}, cpus_per_trial=1, gpus_per_trial=0, num_trials=60) == 2
+    # No GPU yet (an autoscaler adds GPU nodes for pending trials): one trial, not zero.
+    assert fit_concurrency({"CPU": 4.0}, cpus_per_trial=1, gpus_per_trial=1, num_trials=60) == 1
