@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from hardware import MAX_BITS, MIN_BITS, CostTable, LayerSpec
-from search_spaces import AllowedBits, Budget, check_bit_range, policy_keys, project
+from search_spaces import AllowedBits, Budget, check_bit_range, parse_policy, policy_keys, project
 from search_spaces import metrics as M
 
 # A searcher may leave files for the record in ``<search dir>/searcher_artifacts/``
@@ -99,3 +99,17 @@ class SearchPropertiesMixin:
         if mode:
             self._mode = mode
         return True
+
+
+def evaluated_policy(result: dict, suggested: np.ndarray) -> np.ndarray:
+    """The policy a trial really evaluated: its result's ``policy`` text (after the budget
+    projection), or ``suggested`` when the result has none of that shape."""
+    text = result.get(M.POLICY)
+    if isinstance(text, str):
+        try:
+            policy = parse_policy(text)
+        except ValueError:
+            return suggested
+        if policy.shape == np.shape(suggested):
+            return policy
+    return suggested

@@ -48,10 +48,9 @@ import torch
 from ray.tune.search import Searcher
 
 from search_spaces import config_from_policy, parse_policy
-from search_spaces import metrics as M
 
 from ._aqgan import AQGAN, EXPORT_VERSION, GAN_OPTIONS, GANConfig, _check_float, _check_int
-from ._base import SEARCHER_ARTIFACTS_DIR, SearchProblem, SearchPropertiesMixin
+from ._base import SEARCHER_ARTIFACTS_DIR, SearchProblem, SearchPropertiesMixin, evaluated_policy
 from ._registry import register_searcher
 
 GENERATOR_FILE = "aqgan_generator.pt"
@@ -201,15 +200,7 @@ class AQGANSearcher(SearchPropertiesMixin, Searcher):
         value = result.get(self._metric)
         if not _finite_number(value):
             return
-        policy = suggested
-        text = result.get(M.POLICY)
-        if isinstance(text, str):
-            try:
-                evaluated = parse_policy(text)
-            except ValueError:
-                evaluated = None
-            if evaluated is not None and evaluated.shape == suggested.shape:
-                policy = evaluated
+        policy = evaluated_policy(result, suggested)
         # The GAN is conditioned on accuracy, "higher is better": a minimized metric is negated.
         self._add_data(policy, float(value) if self._mode == "max" else -float(value))
         self.num_completed += 1

@@ -89,10 +89,10 @@ from ray.tune.search import Searcher
 from torch import nn
 
 from hardware import MAX_BITS, MIN_BITS
-from search_spaces import config_from_policy, parse_policy
+from search_spaces import config_from_policy
 from search_spaces import metrics as M
 
-from ._base import SearchProblem, SearchPropertiesMixin
+from ._base import SearchProblem, SearchPropertiesMixin, evaluated_policy
 from ._haq_agent import (
     _NUM_STATIC,
     NUM_FEATURES,
@@ -243,7 +243,7 @@ class HAQSearcher(SearchPropertiesMixin, Searcher):
         if not math.isfinite(float(value)):
             return
         reward = self._reward(result, float(value))
-        self._store(episode, self._evaluated_policy(result, episode), reward)
+        self._store(episode, evaluated_policy(result, episode.policy), reward)
         self.episodes_completed += 1
         if self.episodes_completed >= self.warmup and len(self.replay) > 0:
             self._train(self.updates_per_episode)
@@ -316,17 +316,6 @@ class HAQSearcher(SearchPropertiesMixin, Searcher):
         else:
             score = value if self._mode == "max" else -value
         return REWARD_FACTOR * self.config.reward_scale * score
-
-    def _evaluated_policy(self, result: dict, episode: _Episode) -> np.ndarray:
-        text = result.get(M.POLICY)
-        if isinstance(text, str):
-            try:
-                policy = parse_policy(text)
-            except ValueError:
-                policy = None
-            if policy is not None and policy.shape == (self.problem.num_layers, 2):
-                return policy
-        return episode.policy
 
     def _store(self, episode: _Episode, policy: np.ndarray, reward: float) -> None:
         bits_seq = self.problem.allowed.snap(np.clip(policy, MIN_BITS, MAX_BITS)).reshape(-1)
