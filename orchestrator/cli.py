@@ -112,19 +112,17 @@ def searchers() -> None:
         click.echo(f"{name:<{width}}  {info.objective:<6}  {info.description}")
 
 
-def _attach_optional_commands() -> None:
-    # Commands living in their own modules; attached here so `haqtune --help` lists them.
+def _attach_commands() -> None:
+    # Commands living in their own modules (kept apart so `haqtune cost` does not import
+    # Ray or MLflow); attached here so `haqtune --help` lists them. A missing module is a
+    # broken install and must fail loudly, not hide a command.
     import importlib
 
     for module, names in (("cost_cli", ("hardware", "cost")), ("report_cli", ("compare", "ui")),
-                          ("export_cli", ("export",)),
-                          ("generate_cli", ("generate",))):
-        try:
-            mod = importlib.import_module(f"{__package__}.{module}")
-        except ModuleNotFoundError:  # not written yet in this checkout
-            continue
+                          ("export_cli", ("export",)), ("generate_cli", ("generate",))):
+        mod = importlib.import_module(f"{__package__}.{module}")
         for name in names:
             main.add_command(getattr(mod, name))
 
 
-_attach_optional_commands()
+_attach_commands()
