@@ -209,3 +209,36 @@ def test_amp_setting_is_validated():
     config = SearchConfig.from_dict({"finetune": {"epochs": 1, "lr": 0.01, "amp": "fp16"}, "gpus_per_trial": 1})
     assert config.finetune.amp == "fp16" and config.reference.amp == "off"
     assert SearchConfig.from_dict({"finetune": {"epochs": 1, "lr": 0.01, "amp": "bf16"}}).finetune.amp == "bf16"
+
+
+def _readme_cluster_commands() -> list[str]:
+    text = (ROOT / "README.md").read_text()
+    section = text.split("## Run on a cluster", 1)[1].split("\n## ", 1)[0]
+    return [line.strip() for line in section.splitlines() if line.startswith("    ray ")]
+
+
+def test_readme_cluster_commands_are_valid_for_this_checkout():
+    """The README's `ray exec ... haqtune search` is a search the CLI accepts (the flags the
+    fake-cluster test runs: --address, --gpus-per-trial 1); its YAML and forwarded ports exist."""
+    import shlex
+
+    from click.testing import CliRunner
+
+    from orchestrator.cli import main
+
+    commands = _readme_cluster_commands()
+    yaml_file = _load("ray_cluster.yaml")
+    assert any(c.startswith("ray up ray_cluster.yaml") for c in commands)
+    assert any(c.startswith("ray down ray_cluster.yaml") for c in commands)
+    search = next(c for c in commands if "haqtune search" in c)
+    inner = shlex.split(shlex.split(search)[-1].split("&&", 1)[1])
+    assert inner[:2] == ["haqtune", "search"] and inner[3:] == ["--address", "auto", "--gpus-per-trial", "1"]
+    assert (ROOT / inner[2]).is_file()
+    result = CliRunner().invoke(main, [*inner[1:], "--dry-run"], env={"HAQTUNE_STORAGE_DIR": "s3://b/runs"})
+    assert result.exit_code == 0, result.output
+    assert "resources: 4 CPU + 1 GPU per trial" in result.output and "Ray auto" in result.output
+    attach = next(c for c in commands if c.startswith("ray attach"))
+    head = " ".join(yaml_file["head_start_ray_commands"])
+    assert "-p 5000" in attach and "--port 5000" in head and "-p 8265" in attach  # 8265: Ray's dashboard
+    resume = next(c for c in commands if "haqtune resume" in c)
+    assert "haqtune resume s3://YOUR-BUCKET/haqtune_runs/<search_id>" in resume
