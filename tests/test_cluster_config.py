@@ -130,6 +130,25 @@ def test_autoscaler_maximum_counts_node_types_up_to_the_global_max_workers():
     assert ClusterView(running).max_resources() == {"CPU": 12, "GPU": 1}
 
 
+def test_autoscaler_cluster_config_from_the_gcs_is_read_like_the_bootstrap_file():
+    """The ``ClusterConfig`` an autoscaler reports to the GCS (Ray's own protobuf type)."""
+    from ray.core.generated import autoscaler_pb2
+
+    from orchestrator.cluster_resources import node_types_from_cluster_config
+
+    proto = autoscaler_pb2.ClusterConfig(node_group_configs=[
+        autoscaler_pb2.NodeGroupConfig(name="head", resources={"CPU": 4}, max_count=1),
+        autoscaler_pb2.NodeGroupConfig(name="gpu", resources={"CPU": 8, "GPU": 2}, max_count=3),
+        autoscaler_pb2.NodeGroupConfig(name="spot", resources={"CPU": 8, "GPU": 1}, max_count=-1),
+    ])
+    shapes = node_types_from_cluster_config(proto)
+    assert [(s.name, s.get("GPU")) for s in shapes] == [("head", 0), ("gpu", 2), ("spot", 1)]
+    assert shapes[2].max_count >= 1 << 30  # -1: no limit
+    view = ClusterView((NodeShape("head", {"CPU": 4}),), shapes[:2])
+    assert view.max_resources() == {"CPU": 4 + 24, "GPU": 6}
+    check_trial_fits(view, cpus_per_trial=8, gpus_per_trial=2)
+
+
 def test_a_trial_must_fit_one_node_autoscaler_types_included():
     node_types, max_workers = node_types_from_bootstrap(BOOTSTRAP)
     running = (NodeShape("head", {"CPU": 4}),)
