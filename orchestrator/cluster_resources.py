@@ -213,8 +213,14 @@ def read_cluster(*, bootstrap_config: str = BOOTSTRAP_CONFIG) -> ClusterView:
     return ClusterView(running)
 
 
-def probe_cuda(*, cpus_per_trial: float, gpus_per_trial: float) -> tuple[bool, str]:
-    """Whether CUDA works in a Ray worker given a trial's resources, and that worker's node IP."""
+PROBE_QUIET_S = 10.0  # a GPU worker not ready by then is being started: say so
+
+
+def probe_cuda(*, cpus_per_trial: float, gpus_per_trial: float, echo=None) -> tuple[bool, str]:
+    """Whether CUDA works in a Ray worker given a trial's resources, and that worker's node IP.
+
+    Waits for such a worker (an autoscaler may have to start one first: minutes), saying
+    so once after ``PROBE_QUIET_S`` instead of waiting in silence."""
     import ray
 
     @ray.remote(num_cpus=cpus_per_trial, num_gpus=gpus_per_trial)
@@ -223,15 +229,21 @@ def probe_cuda(*, cpus_per_trial: float, gpus_per_trial: float) -> tuple[bool, s
 
         return bool(torch.cuda.is_available()), ray.util.get_node_ip_address()
 
-    return ray.get(cuda_available.remote())
+    ref = cuda_available.remote()
+    ready, _ = ray.wait([ref], timeout=PROBE_QUIET_S)
+    if not ready and echo is not None:
+        echo(f"haqtune: waiting for a worker with {gpus_per_trial:g} GPU and {cpus_per_trial:g} CPU "
+             "(the autoscaler may be starting one) ...")
+    return ray.get(ref)
 
 
-def gpu_fallback_note(config) -> str | None:
+def gpu_fallback_note(config, *, echo=None) -> str | None:
     """One warning line when trials ask for GPUs that CUDA cannot use (they fall back to
     the CPU), checked once per search in a worker with a trial's resources; else None."""
     if config.gpus_per_trial <= 0:
         return None
-    available, node = probe_cuda(cpus_per_trial=config.cpus_per_trial, gpus_per_trial=config.gpus_per_trial)
+    available, node = probe_cuda(cpus_per_trial=config.cpus_per_trial, gpus_per_trial=config.gpus_per_trial,
+                                 echo=echo)
     if available:
         return None
     fp16 = [name for name in ("reference", "finetune") if getattr(config, name).amp == "fp16"]

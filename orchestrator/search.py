@@ -272,7 +272,7 @@ def run(prepared: PreparedSearch, *, echo=print, search_id: str | None = None,
     plan = resolve_concurrency(plan, echo)
     from .cluster_resources import gpu_fallback_note
 
-    if (note := gpu_fallback_note(plan.config)) is not None:
+    if (note := gpu_fallback_note(plan.config, echo=echo)) is not None:
         echo(note)  # once per search, not once per trial
     context = build_reference(plan, prepared, echo)
     searcher = None if plan.resumed else build_searcher(plan, prepared, context, echo)
