@@ -113,3 +113,26 @@ def test_gpu_request_without_cuda_gives_one_warning_line():
     assert note is not None and "\n" not in note
     assert note.startswith("haqtune: warning: trials ask for 1 GPU each, but CUDA is not available")
     assert "trials run on the CPU (finetune amp fp16 runs in float32 there)" in note
+
+
+def test_amp_is_part_of_the_reference_cache_key_only_when_on(tmp_path):
+    """bf16 trains another reference; off keeps the key of references cached before amp existed."""
+    from dataclasses import asdict
+
+    from trainables.data import load_dataset
+    from trainables.models import build_model
+    from trainables.training import content_hash, train_reference
+
+    data = load_dataset("digits")
+
+    def build():
+        return build_model("demo", seed=0, num_classes=10, input_size=8, in_channels=1).model
+
+    paths = {}
+    for amp in ("off", "bf16"):
+        settings = TrainSettings(epochs=0, lr=0.1, amp=amp)
+        _, _, paths[amp] = train_reference(build, data, settings, seed=0, cache_dir=tmp_path, key={"k": 1},
+                                           device=CPU)
+    assert paths["off"] != paths["bf16"] and paths["off"].exists() and paths["bf16"].exists()
+    before_amp = {k: v for k, v in asdict(TrainSettings(epochs=0, lr=0.1)).items() if k != "amp"}
+    assert paths["off"].name == f"reference-{content_hash({'k': 1, 'settings': before_amp, 'seed': 0})}.pt"
