@@ -21,6 +21,8 @@ def _run_search(prepared, **kwargs) -> None:
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         run(prepared, echo=click.echo, **kwargs)
+    except HaqtuneError as exc:  # the cluster cannot run it (address, resources): nothing written
+        fail(str(exc))
     except SearchInterrupted:  # the search printed how to resume
         sys.exit(EXIT_INTERRUPTED)
     except KeyboardInterrupt:
@@ -43,7 +45,9 @@ def main() -> None:
 @click.option("--budget", help="latency=0.5 | latency_ms=12 | energy=0.5 | energy_mj=3 | size=0.5 | size_mb=1.0 | none")
 @click.option("--experiment", help="MLflow experiment name.")
 @click.option("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db).")
-@click.option("--storage-dir", help="Where search state goes (default ./haqtune_runs).")
+@click.option("--storage-dir", envvar="HAQTUNE_STORAGE_DIR", show_envvar=True,
+              help="Where search state goes (default ./haqtune_runs; a cluster sets it once in "
+              "$HAQTUNE_STORAGE_DIR, see ray_cluster.yaml).")
 @click.option("--address", help="Ray cluster address (e.g. auto); default starts a local Ray.")
 @click.option("--max-concurrent", help="Trials in flight at once: N, or auto (default: as many as the "
               "Ray cluster's CPUs/GPUs fit, at most num_trials).")

@@ -144,6 +144,11 @@ class SearchConfig:
                 raise HaqtuneError(f"{name}: expected a non-negative number, got {value!r}")
         if self.cpus_per_trial == 0 and self.gpus_per_trial == 0:
             raise HaqtuneError("cpus_per_trial: a trial needs a CPU or a GPU, got 0 of both")
+        for name in ("reference", "finetune"):
+            # fp16 needs a GradScaler'd CUDA step; a CPU-only search can say so now.
+            if getattr(getattr(self, name), "amp", "off") == "fp16" and self.gpus_per_trial == 0:
+                raise HaqtuneError(f"{name}.amp: fp16 runs on GPUs only and trials run on the CPU "
+                                   "(gpus_per_trial 0): expected bf16 or off, or gpus_per_trial > 0, got fp16")
         for name in ("model", "dataset", "hardware", "experiment", "storage_dir"):
             if not isinstance(getattr(self, name), str) or not getattr(self, name):
                 raise HaqtuneError(f"{name}: expected a non-empty string, got {getattr(self, name)!r}")

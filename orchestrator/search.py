@@ -131,7 +131,8 @@ def _search_params(config: SearchConfig, prepared: PreparedSearch) -> dict:
         "scheduler": config.scheduler, "num_layers": len(prepared.layers),
         "min_bits": config.min_bits, "max_bits": config.max_bits,
         "bits": prepared.allowed.describe(), "fix_first_last": config.fixes_first_last,
-        "finetune_epochs": config.finetune.epochs, "batch": prepared.table.batch,
+        "finetune_epochs": config.finetune.epochs, "finetune_amp": config.finetune.amp,
+        "batch": prepared.table.batch,
         "input_shape": _shape_text(prepared.input_shape), "cost_input_size": config.cost_input_size,
         "priced_shape": _shape_text(prepared.priced_shape), "dataset_options": config.dataset_options or None,
         "reference_weights": config.reference.weights,
@@ -261,6 +262,7 @@ def run(prepared: PreparedSearch, *, echo=print, search_id: str | None = None,
     parent and child runs. Raises ``SearchInterrupted`` after Ctrl-C / SIGTERM.
     """
     quiet_libraries()
+    check_cluster(prepared.config)  # before plan_search: a cluster that cannot run it writes nothing
     plan = plan_search(prepared, search_id=search_id, resume_dir=resume_dir)
     started = time.time()
     echo(f"haqtune: {'resuming' if plan.resumed else 'search'} {plan.search_id}: {plan.config.searcher} on "
@@ -269,6 +271,10 @@ def run(prepared: PreparedSearch, *, echo=print, search_id: str | None = None,
          f"{input_note(prepared)}; {uniform8_note(prepared)}")
     _echo_bits(prepared, echo)
     plan = resolve_concurrency(plan, echo)
+    from .cluster_resources import gpu_fallback_note
+
+    if (note := gpu_fallback_note(plan.config, echo=echo)) is not None:
+        echo(note)  # once per search, not once per trial
     context = build_reference(plan, prepared, echo)
     searcher = None if plan.resumed else build_searcher(plan, prepared, context, echo)
     tracker = build_tracker(plan, prepared)
@@ -313,19 +319,43 @@ def plan_search(prepared: PreparedSearch, *, search_id: str | None = None,
     return SearchPlan(resolved, search_id, search_dir, resumed=False)
 
 
+def check_cluster(config: SearchConfig) -> None:
+    """Fail fast (HaqtuneError) on an ``--address`` nobody answers on, or a trial no node
+    of the cluster (autoscaler node types included) can hold; then Ray is connected."""
+    from .cluster_resources import check_address, check_trial_fits, read_cluster
+
+    check_address(config.address)
+    try:
+        _init_ray(config.address)
+    except (ConnectionError, RuntimeError) as exc:
+        if config.address is None:
+            raise
+        # Something answered the TCP check but it is not a Ray head (Ray gave up after ~20 s).
+        last = (str(exc).strip().splitlines() or [type(exc).__name__])[-1]
+        raise HaqtuneError(f"--address {config.address}: no Ray cluster answers there ({last}); expected "
+                           "the address of a running cluster's head (`ray start --head` prints it)") from None
+    check_trial_fits(read_cluster(), cpus_per_trial=config.cpus_per_trial,
+                     gpus_per_trial=config.gpus_per_trial)
+
+
 def resolve_concurrency(plan: SearchPlan, echo) -> SearchPlan:
-    """``max_concurrent: auto`` -> as many trials as the Ray cluster fits (starts Ray)."""
+    """``max_concurrent: auto`` -> as many trials as the Ray cluster fits (starts Ray); on
+    an autoscaling cluster, as many as its configured maximum fits."""
     config = plan.config
     _init_ray(config.address)
     if config.max_concurrent != AUTO:
         return plan
-    import ray
+    from .cluster_resources import read_cluster
 
-    cluster = ray.cluster_resources()
+    view = read_cluster()
+    cluster = view.max_resources()
     n = fit_concurrency(cluster, cpus_per_trial=config.cpus_per_trial,
                         gpus_per_trial=config.gpus_per_trial, num_trials=config.num_trials)
+    now = view.current_resources()
+    scaling = (f" at most with the autoscaler ({view.source}), {now['CPU']:g} CPUs, {now['GPU']:g} GPUs now"
+               if view.node_types else "")
     echo(f"haqtune: {n} trials at once (max_concurrent auto: {cluster.get('CPU', 0):g} CPUs, "
-         f"{cluster.get('GPU', 0):g} GPUs; a trial takes {config.cpus_per_trial:g} CPU + "
+         f"{cluster.get('GPU', 0):g} GPUs{scaling}; a trial takes {config.cpus_per_trial:g} CPU + "
          f"{config.gpus_per_trial:g} GPU)")
     return dataclasses.replace(plan, config=config.replace(max_concurrent=n))
 

@@ -7,6 +7,7 @@ import json
 import math
 import os
 import tempfile
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -15,6 +16,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from .data import DataSplits, batches
+
+AMP_MODES = ("off", "bf16", "fp16")
+# Worker processes of a non-tensor dataset's DataLoader when the caller does not say
+# (the reference training, the sensitivity oracle): what ``data.batches`` always used.
+DEFAULT_LOADER_WORKERS = 2
 
 
 class DivergedError(RuntimeError):
@@ -43,8 +49,13 @@ class TrainSettings:
     batch_size: int = 64
     weight_decay: float = 0.0
     max_steps_per_epoch: int | None = None  # cap for big datasets: "brief" fine-tunes
+    # Mixed precision of the training steps (evaluation stays float32): bf16 autocast on
+    # CUDA and CPU; fp16 autocast with a GradScaler on CUDA only (float32 on a CPU fallback).
+    amp: str = "off"
 
     def __post_init__(self) -> None:
+        if self.amp not in AMP_MODES:
+            raise ValueError(f"amp: choose between {', '.join(AMP_MODES)}, got {self.amp!r}")
         _check_number("epochs", self.epochs, integer=True, minimum=0)
         _check_number("lr", self.lr, integer=False, minimum=0, strict=True)
         _check_number("batch_size", self.batch_size, integer=True, minimum=1)
@@ -68,19 +79,69 @@ class ReferenceSettings(TrainSettings):
 
 
 def pick_device(gpus: float = 0) -> torch.device:
-    """CUDA if this worker was given a GPU and CUDA works, else CPU; chosen once per trial."""
+    """The GPU Ray assigned to this worker if it was given one and CUDA works, else CPU.
+
+    Ray sets ``CUDA_VISIBLE_DEVICES`` to the worker's assigned GPU ids, so the first
+    visible device (``cuda:0``) is the trial's own GPU, whichever the node's index is.
+    The CPU fallback is silent here: the driver says it once per search (``gpu_fallback_note``).
+    """
     if gpus > 0 and torch.cuda.is_available():
-        return torch.device("cuda")
+        return torch.device("cuda", 0)
     return torch.device("cpu")
 
 
+def amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype of ``amp`` on ``device``; None = float32 (off, or fp16 without CUDA:
+    CPU float16 autocast is slow and a GradScaler'd fp16 step exists for CUDA)."""
+    if amp == "bf16":
+        return torch.bfloat16
+    if amp == "fp16" and device.type == "cuda":
+        return torch.float16
+    return None
+
+
+def autocast(amp: str, device: torch.device):
+    """``torch.autocast`` for a training step of ``amp`` on ``device`` (a no-op when off)."""
+    dtype = amp_dtype(amp, device)
+    return nullcontext() if dtype is None else torch.autocast(device.type, dtype=dtype)
+
+
+def make_grad_scaler(amp: str, device: torch.device):
+    """A GradScaler for fp16 on CUDA (small gradients underflow in float16), else None."""
+    if amp_dtype(amp, device) == torch.float16:
+        return torch.amp.GradScaler(device.type)
+    return None
+
+
+def loader_batches(dataset, batch_size: int, *, device: torch.device, shuffle: bool = False,
+                   generator: torch.Generator | None = None,
+                   num_workers: int = DEFAULT_LOADER_WORKERS):
+    """``(x, y)`` batches on ``device``. In-memory ``TensorDataset``s (digits) are sliced
+    directly (``data.batches``: a worker process would cost more than the epoch). Other
+    datasets (ImageFolder, CIFAR, MNIST) decode images in a ``DataLoader`` with
+    ``num_workers`` processes (a trial's CPUs) and pinned memory on CUDA, so decoding
+    overlaps the GPU's steps. The order depends only on ``generator`` (the sampler's
+    permutation and the workers' base seed come from it), not on ``num_workers``.
+    """
+    if isinstance(dataset, torch.utils.data.TensorDataset):
+        yield from batches(dataset, batch_size, shuffle=shuffle, generator=generator, device=device)
+        return
+    pin = device.type == "cuda"
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=shuffle,
+                                         generator=generator, num_workers=max(0, int(num_workers)),
+                                         pin_memory=pin)
+    for xb, yb in loader:
+        yield xb.to(device, non_blocking=pin), yb.to(device, non_blocking=pin)
+
+
 @torch.no_grad()
-def evaluate(model: nn.Module, dataset, *, device: torch.device, batch_size: int = 512) -> float:
-    """Top-1 accuracy in [0, 1]."""
+def evaluate(model: nn.Module, dataset, *, device: torch.device, batch_size: int = 512,
+             num_workers: int = DEFAULT_LOADER_WORKERS) -> float:
+    """Top-1 accuracy in [0, 1] (in float32, whatever the training's ``amp``)."""
     was_training = model.training
     model.eval()
     correct = total = 0
-    for x, y in batches(dataset, batch_size, device=device):
+    for x, y in loader_batches(dataset, batch_size, device=device, num_workers=num_workers):
         correct += int((model(x).argmax(dim=1) == y).sum())
         total += int(y.numel())
     model.train(was_training)
@@ -89,17 +150,28 @@ def evaluate(model: nn.Module, dataset, *, device: torch.device, batch_size: int
 
 def train_epoch(model: nn.Module, data: DataSplits, optimizer: torch.optim.Optimizer,
                 settings: TrainSettings, *, generator: torch.Generator, device: torch.device,
-                scheduler=None) -> float:
-    """One pass over the training split; returns the mean loss. Raises DivergedError on NaN."""
+                scheduler=None, scaler=None, num_workers: int = DEFAULT_LOADER_WORKERS) -> float:
+    """One pass over the training split; returns the mean loss. Raises DivergedError on NaN.
+
+    ``settings.amp`` runs the forward pass under autocast; with fp16 on CUDA pass the
+    run's ``make_grad_scaler`` (one per run: its scale carries over between epochs).
+    """
     model.train()
     total, steps = 0.0, 0
-    for x, y in batches(data.train, settings.batch_size, shuffle=True, generator=generator, device=device):
-        loss = F.cross_entropy(model(x), y)
+    for x, y in loader_batches(data.train, settings.batch_size, shuffle=True, generator=generator,
+                               device=device, num_workers=num_workers):
+        with autocast(settings.amp, device):
+            loss = F.cross_entropy(model(x), y)
         if not torch.isfinite(loss):
             raise DivergedError(f"loss became {loss.item()} at step {steps}")
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            loss.backward()
+            optimizer.step()
         if scheduler is not None:
             scheduler.step()
         total += loss.item()
@@ -123,15 +195,16 @@ def make_optimizer(model: nn.Module, settings: TrainSettings, total_steps: int):
 
 
 def train(model: nn.Module, data: DataSplits, settings: TrainSettings, *, seed: int,
-          device: torch.device) -> float:
+          device: torch.device, num_workers: int = DEFAULT_LOADER_WORKERS) -> float:
     """Train ``model`` in place; returns its validation accuracy."""
     generator = torch.Generator().manual_seed(seed)
     model.to(device)
     optimizer, scheduler = make_optimizer(model, settings, settings.epochs * steps_per_epoch(data, settings))
+    scaler = make_grad_scaler(settings.amp, device)
     for _ in range(settings.epochs):
         train_epoch(model, data, optimizer, settings, generator=generator, device=device,
-                    scheduler=scheduler)
-    return evaluate(model, data.val, device=device)
+                    scheduler=scheduler, scaler=scaler, num_workers=num_workers)
+    return evaluate(model, data.val, device=device, num_workers=num_workers)
 
 
 def content_hash(payload: dict) -> str:
@@ -187,7 +260,9 @@ def train_reference(build, data: DataSplits, settings: TrainSettings, *, seed: i
     Returns ``(state_dict, val_acc, cache_path)``; ``build()`` makes the untrained model.
     Cache entries are written atomically and read with ``weights_only=True``.
     """
-    settings_dict = {k: v for k, v in asdict(settings).items() if k != "weights"}
+    # amp joins the key only when on, so references cached before it existed stay valid.
+    settings_dict = {k: v for k, v in asdict(settings).items()
+                     if k != "weights" and not (k == "amp" and v == "off")}
     payload = {**key, "settings": settings_dict, "seed": seed}
     path = Path(cache_dir) / f"reference-{content_hash(payload)}.pt" if cache_dir else None
     cached = _load_cached(path, payload)

@@ -64,8 +64,10 @@ from .data import DataSplits, calibration_batches, load_dataset
 from .models import build_model
 from .quantize import CALIBRATION_BATCH_SIZE, QuantOptions, quantize_model
 from .training import (
+    DEFAULT_LOADER_WORKERS,
     TrainSettings,
     evaluate,
+    make_grad_scaler,
     make_optimizer,
     pick_device,
     steps_per_epoch,
@@ -134,11 +136,13 @@ def policy_costs(table: CostTable, policy: np.ndarray) -> dict[str, float]:
             M.SIZE_MB: float(size.sum())}
 
 
-def finetune_policy(context: TrialContext, policy: np.ndarray, *, on_epoch=None):
+def finetune_policy(context: TrialContext, policy: np.ndarray, *, on_epoch=None,
+                    num_workers: int = DEFAULT_LOADER_WORKERS):
     """Quantize the reference model to ``policy`` and fine-tune it briefly.
 
     Calls ``on_epoch(epoch, val_acc)`` after every epoch (and once before training
-    when ``epochs == 0``). Returns ``(model, data, device, val_acc)``.
+    when ``epochs == 0``). ``num_workers``: DataLoader processes for image datasets (a
+    trial's CPUs; in-memory tensor data needs none). Returns ``(model, data, device, val_acc)``.
     """
     device = pick_device(context.gpus_per_trial)
     data = _cached_dataset(context.dataset, context.data_root, context.input_size, context.dataset_options)
@@ -153,15 +157,16 @@ def finetune_policy(context: TrialContext, policy: np.ndarray, *, on_epoch=None)
     calib = calibration_batches(data.train, calib_idx, CALIBRATION_BATCH_SIZE, device=device)
     qmodel = quantize_model(model, context.layer_names, policy, calib, context.quant)
     settings = context.finetune
-    val_acc = evaluate(qmodel, data.val, device=device)
+    val_acc = evaluate(qmodel, data.val, device=device, num_workers=num_workers)
     if settings.epochs == 0 and on_epoch is not None:
         on_epoch(0, val_acc)
     if settings.epochs:
         optimizer, scheduler = make_optimizer(qmodel, settings, settings.epochs * steps_per_epoch(data, settings))
+        scaler = make_grad_scaler(settings.amp, device)
         for epoch in range(1, settings.epochs + 1):
             train_epoch(qmodel, data, optimizer, settings, generator=generator, device=device,
-                        scheduler=scheduler)
-            val_acc = evaluate(qmodel, data.val, device=device)
+                        scheduler=scheduler, scaler=scaler, num_workers=num_workers)
+            val_acc = evaluate(qmodel, data.val, device=device, num_workers=num_workers)
             if on_epoch is not None:
                 on_epoch(epoch, val_acc)
     return qmodel, data, device, val_acc
@@ -189,7 +194,8 @@ def quantize_and_finetune(config: dict, context: TrialContext) -> None:
     """
     from ray import tune
 
-    torch.set_num_threads(max(1, int(config.get("_num_threads", 1))))
+    threads = max(1, int(config.get("_num_threads", 1)))  # the trial's CPUs (cpus_per_trial)
+    torch.set_num_threads(threads)
     policy = context.project(policy_from_config(config, len(context.layer_names)))
     last_epoch = max(context.finetune.epochs, 0)
 
@@ -207,7 +213,7 @@ def quantize_and_finetune(config: dict, context: TrialContext) -> None:
         if epoch < last_epoch:  # the last epoch is reported below, with the checkpoint
             tune.report({**trial_metrics(context, policy, val_acc), M.EPOCH: epoch, M.DONE: 0})
 
-    model, _, _, val_acc = finetune_policy(context, policy, on_epoch=report)
+    model, _, _, val_acc = finetune_policy(context, policy, on_epoch=report, num_workers=threads)
     metrics = {**trial_metrics(context, policy, val_acc), M.EPOCH: last_epoch, M.DONE: 1}
     with tempfile.TemporaryDirectory(prefix="haqtune-ckpt-") as directory:
         save_quantized_checkpoint(directory, model, context=context, policy=policy, metrics=metrics)
@@ -257,8 +263,10 @@ def evaluate_checkpoint(directory, *, dataset: str, data_root: str, input_size: 
     device = pick_device(gpus)
     model.to(device)
     data = _cached_dataset(dataset, data_root, input_size, dataset_options)
-    return {"checkpoint_val_acc": evaluate(model, data.val, device=device),
-            M.TEST_ACC: evaluate(model, data.test, device=device), "metrics": saved["metrics"]}
+    workers = max(1, int(num_threads))
+    return {"checkpoint_val_acc": evaluate(model, data.val, device=device, num_workers=workers),
+            M.TEST_ACC: evaluate(model, data.test, device=device, num_workers=workers),
+            "metrics": saved["metrics"]}
 
 
 def parse_faults(text: str | None) -> dict[int, tuple[str, int | None]]:
