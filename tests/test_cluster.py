@@ -17,7 +17,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.cluster]
 CONFIG = """\
 num_trials: 4
 max_concurrent: 2
-reference: {epochs: 5, lr: 0.05, batch_size: 64}
+reference: {epochs: 3, lr: 0.1, batch_size: 64}
 finetune: {epochs: 1, lr: 0.01, batch_size: 64}
 """
 
@@ -26,7 +26,7 @@ finetune: {epochs: 1, lr: 0.01, batch_size: 64}
 def cluster():
     from ray.cluster_utils import Cluster
 
-    fake = Cluster(initialize_head=True, connect=False, head_node_args={"num_cpus": 0, "num_gpus": 0})
+    fake = Cluster(initialize_head=True, connect=False, head_node_args={"num_cpus": 0, "num_gpus": 0, "include_dashboard": False})
     workers = [fake.add_node(num_cpus=2, num_gpus=1) for _ in range(2)]
     fake.wait_for_nodes()
     try:
@@ -46,20 +46,29 @@ def peak_concurrency(runs) -> int:
     return peak
 
 
-def _search(tmp_path, address, searcher, config=""):
+@pytest.fixture(scope="module")
+def shared_store(tmp_path_factory):
+    """One MLflow store and storage directory for the module's searches (an experiment
+    each): the store's schema is created once, the reference model trained once."""
+    root = tmp_path_factory.mktemp("cluster-store")
+    return f"sqlite:///{root / 'mlflow.db'}", root / "haqtune_runs"
+
+
+def _search(tmp_path, address, store, searcher, config=""):
+    uri, storage = store
     (tmp_path / "search.yaml").write_text(CONFIG + config)
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     # The README's cluster command, with a test cluster's address instead of `auto`.
     proc = run_cli(["search", "search.yaml", "--searcher", searcher, "--address", address,
-                    "--gpus-per-trial", 1, "--cpus-per-trial", 1, "--tracking-uri", uri], tmp_path)
+                    "--gpus-per-trial", 1, "--cpus-per-trial", 1, "--tracking-uri", uri,
+                    "--storage-dir", storage, "--experiment", searcher], tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    [search_dir] = [p for p in (tmp_path / "haqtune_runs").iterdir() if not p.name.startswith("_")]
-    return proc, json.loads((search_dir / "summary.json").read_text()), runs_of(uri)
+    [search_dir] = [p for p in storage.iterdir() if p.name.startswith(searcher + "-")]
+    return proc, json.loads((search_dir / "summary.json").read_text()), runs_of(uri, searcher)
 
 
-def test_search_runs_on_worker_nodes_only(cluster, tmp_path):
+def test_search_runs_on_worker_nodes_only(cluster, shared_store, tmp_path):
     address, head, workers = cluster
-    proc, summary, (parents, children) = _search(tmp_path, address, "haq")
+    proc, summary, (parents, children) = _search(tmp_path, address, shared_store, "haq", "test_top_k: 1\n")
     # Every trial is in MLflow, finished, and tagged with its node; both workers ran trials.
     assert len(parents) == 1 and len(children) == 4
     assert {c.info.status for c in children} == {"FINISHED"}
@@ -72,8 +81,8 @@ def test_search_runs_on_worker_nodes_only(cluster, tmp_path):
     assert nodes["reference"]["node_id"] in workers
     assert nodes["final_evaluation"] and {n["node_id"] for n in nodes["final_evaluation"]} <= workers
     assert nodes["uniform_8bit"]["node_id"] in workers
-    assert "haqtune: reference training: 5/5 epochs" in proc.stdout
-    assert "haqtune: final evaluation: 3/3 checkpoints" in proc.stdout
+    assert "haqtune: reference training: 3/3 epochs" in proc.stdout
+    assert "haqtune: final evaluation: 1/1 checkpoints" in proc.stdout
     # A GPU was requested on machines without CUDA: the trials fell back to CPU and finished.
     # (At most one warning line about it; its text is issue 13's "GPU -> CPU" warning.)
     assert sum("warning" in line and "GPU" in line for line in proc.stdout.splitlines()) <= 1
@@ -82,9 +91,9 @@ def test_search_runs_on_worker_nodes_only(cluster, tmp_path):
 
 
 @pytest.mark.parametrize("searcher", ["sensitivity-dp", "aqgan"])
-def test_custom_searchers_keep_max_concurrent_trials_running(cluster, tmp_path, searcher):
+def test_custom_searchers_keep_max_concurrent_trials_running(cluster, shared_store, tmp_path, searcher):
     address, head, workers = cluster
-    proc, _, (_, children) = _search(tmp_path, address, searcher, "test_top_k: 0\n")
+    proc, _, (_, children) = _search(tmp_path, address, shared_store, searcher, "test_top_k: 0\n")
     assert len(children) == 4
     assert peak_concurrency(children) == 2
     if searcher == "sensitivity-dp":  # the oracle's evaluations ran on the workers, not the head
