@@ -130,7 +130,6 @@ def reference_task(job: ReferenceJob, cached: frozenset[str]):
     """
     import torch
 
-    from trainables.data import load_dataset
     from trainables.models import apply_weights, build_model, load_weights
     from trainables.node import node_info
     from trainables.training import (
@@ -141,10 +140,11 @@ def reference_task(job: ReferenceJob, cached: frozenset[str]):
         reference_payload,
         train_epochs,
     )
+    from trainables.trial import _cached_dataset
 
     torch.set_num_threads(max(1, job.threads))
-    data = load_dataset(job.dataset, root=job.data_root, input_size=job.input_size,
-                        options=job.dataset_options)
+    # Kept in this worker process: the final evaluation's tasks may run in it later.
+    data = _cached_dataset(job.dataset, job.data_root, job.input_size, job.dataset_options)
     key = reference_cache_key(model=job.model, dataset=job.dataset, data=data,
                               dataset_options=job.dataset_options, data_root=job.data_root,
                               model_kwargs=job.model_kwargs)
