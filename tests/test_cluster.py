@@ -99,3 +99,37 @@ def test_custom_searchers_keep_max_concurrent_trials_running(cluster, shared_sto
     if searcher == "sensitivity-dp":  # the oracle's evaluations ran on the workers, not the head
         line = next(x for x in proc.stdout.splitlines() if x.startswith("haqtune: sensitivity measurement ran on"))
         assert head[:8] not in line and any(w[:8] in line for w in workers)
+
+
+def test_remote_sensitivity_runner_matches_in_process_evaluation(cluster):
+    """The oracle's batch, split over actors on the worker nodes, gives exactly the answers
+    of an in-process evaluation (deterministic whichever process evaluates a point)."""
+    import ray
+    import torch
+
+    from orchestrator.config import SearchConfig
+    from orchestrator.remote import RemoteSensitivityRunner
+    from orchestrator.search import prepare
+    from trainables import TrainSettings, TrialContext, build_model, load_dataset, train
+    from trainables.sensitivity import SensitivityOracle
+
+    address, head, workers = cluster
+    prepared = prepare(SearchConfig())
+    model = build_model("demo", seed=0, **prepared.model_kwargs).model
+    # Briefly trained: the points' accuracies differ, so an answer given for another point shows.
+    train(model, load_dataset("digits"), TrainSettings(epochs=2, lr=0.1), seed=0, device=torch.device("cpu"))
+    context = TrialContext(
+        model="demo", dataset="digits", model_kwargs=prepared.model_kwargs, input_size=None,
+        layer_names=tuple(s.name for s in prepared.layers), reference_state=model.state_dict(),
+        ref_acc=0.1, table=prepared.table, budget=None, finetune=TrainSettings(epochs=1, lr=0.01), seed=0)
+    points = [(None, 8, 8), (0, 2, 8), (3, 8, 2), (5, 1, 1), (11, 4, 4), (7, 3, 8)]
+    local = SensitivityOracle(context).evaluate_many(points)
+    assert len(set(local)) == len(points)
+    ray.init(address=address, log_to_driver=False)
+    try:
+        runner = RemoteSensitivityRunner(cpus=1, gpus=1, workers=2)
+        remote = SensitivityOracle(context, runner=runner).evaluate_many(points)
+    finally:
+        ray.shutdown()
+    assert remote == local
+    assert {n["node_id"] for n in runner.nodes} <= workers and len(runner.nodes) == 2
