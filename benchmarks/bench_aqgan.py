@@ -288,7 +288,7 @@ def demo_part(quick: bool, experiment: str, tracking_uri: str | None, per_target
             model=cfg.model, dataset=cfg.dataset, model_kwargs=prepared.model_kwargs, input_size=None,
             layer_names=tuple(s.name for s in prepared.layers), reference_state=state, ref_acc=ref_acc,
             table=prepared.table, budget=cfg.budget, finetune=cfg.finetune, seed=cfg.seed,
-            min_bits=cfg.min_bits, max_bits=cfg.max_bits, data_root=str(Path(cfg.data_root).resolve()))
+            min_bits=cfg.min_bits, max_bits=cfg.max_bits, data_root=cfg.resolved(tracking_uri="").data_root)
     # A trial is deterministic per projected policy (its fine-tune seed is the policy's hash),
     # and accuracy does not depend on the hardware: one cache serves both budgets.
     cache: dict[bytes, float] = {}

@@ -127,7 +127,7 @@ def uniform_curve(config_data: dict, hardware_names, seed: int, storage: Path) -
         input_size=config.input_size, layer_names=tuple(s.name for s in prepared.layers),
         reference_state=state, ref_acc=ref_acc, table=prepared.table, budget=None,
         finetune=config.finetune, seed=config.seed, min_bits=1, max_bits=8,
-        data_root=os.path.abspath(config.data_root), quant=config.quant_options())
+        data_root=config.resolved(tracking_uri="").data_root, quant=config.quant_options())
     out = {"ref_acc": ref_acc, "bits": {}}
     for bits in UNIFORM_BITS:
         policy = prepared.table.uniform(bits)

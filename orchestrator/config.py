@@ -15,6 +15,7 @@ from hardware import MAX_BITS, MIN_BITS
 from search_spaces import AllowedBits, Budget, check_bit_range, check_bit_set
 from search_spaces import metrics as M
 from trainables.data import DatasetOptions
+from trainables.node import DEFAULT_DATA_ROOT
 from trainables.quantize import QuantOptions
 from trainables.training import ReferenceSettings
 from trainables.training import TrainSettings as TrainConfig  # the config's training sections
@@ -62,7 +63,8 @@ class SearchConfig:
     model: str = "demo"
     dataset: str = "digits"
     input_size: int | None = None
-    data_root: str = "./data"
+    # Expanded on each node that loads data (trainables/node.py): node-local by default.
+    data_root: str = DEFAULT_DATA_ROOT
     # HAQ-style subset: {classes: N, train_per_class: K, val_per_class: V} (trainables.data.DatasetOptions)
     dataset_options: dict = field(default_factory=dict)
     # Price layer shapes at this resolution instead of the data's (HAQ: search on a subset, price 224x224)
@@ -260,6 +262,7 @@ class SearchConfig:
         return dataclasses.replace(self, tracking_uri=tracking_uri,
                                    storage_dir=storage if "://" in storage else os.path.abspath(storage),
                                    data_root=self.data_root if "://" in self.data_root
+                                   or self.data_root.startswith("~")  # each node's own home
                                    else os.path.abspath(self.data_root))
 
     def write_yaml(self, path: Path) -> None:

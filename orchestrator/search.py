@@ -29,6 +29,7 @@ from .errors import HaqtuneError
 CONFIG_FILE = "config.yaml"
 SUMMARY_FILE = "summary.json"
 CACHE_DIR = "_cache"  # reference models, shared by every search under one storage dir
+REFERENCE_NODE = "reference_node"  # TrialContext.extra key: where the reference ran (node_info)
 
 
 @dataclass
@@ -361,22 +362,21 @@ def resolve_concurrency(plan: SearchPlan, echo) -> SearchPlan:
 
 
 def build_reference(plan: SearchPlan, prepared: PreparedSearch, echo):
-    """Train (or load from cache, or take pretrained) the full-precision reference; the trials' context."""
+    """The full-precision reference (from the cache, pretrained, or trained) and the trials'
+    context. Trained or evaluated in a Ray task with a trial's resources, never in the
+    driver (``orchestrator/remote.py``); ``context.extra[REFERENCE_NODE]`` says where."""
     from trainables import TrialContext
-    from trainables.data import load_dataset
-    from trainables.training import pick_device, reference_cache_key, reference_model
+
+    from .remote import ReferenceJob, run_reference
 
     config = plan.config
-    data = load_dataset(config.dataset, root=config.data_root, input_size=config.input_size,
-                        options=config.dataset_options)
+    job = ReferenceJob(model=config.model, model_kwargs=dict(prepared.model_kwargs), dataset=config.dataset,
+                       data_root=config.data_root, input_size=config.input_size,
+                       dataset_options=dict(config.dataset_options), settings=config.reference,
+                       seed=config.seed, gpus=config.gpus_per_trial, threads=max(1, int(config.cpus_per_trial)))
     # Pretrained weights (reference.weights) are evaluated as they are; otherwise trained once.
-    state, ref_acc, _ = reference_model(
-        lambda: build_model(config.model, seed=config.seed, **prepared.model_kwargs).model,
-        data, config.reference, seed=config.seed, cache_dir=plan.storage / CACHE_DIR,
-        key=reference_cache_key(model=config.model, dataset=config.dataset, data=data,
-                                dataset_options=config.dataset_options, data_root=config.data_root,
-                                model_kwargs=prepared.model_kwargs),
-        device=pick_device(config.gpus_per_trial), model_name=config.model)
+    state, ref_acc, node = run_reference(job, reference_cache(plan), cpus=config.cpus_per_trial,
+                                         gpus=config.gpus_per_trial, echo=echo)
     echo(f"haqtune: full-precision reference val_acc={ref_acc:.4f}"
          f"{' (pretrained: ' + config.reference.weights + ', not retrained)' if config.reference.weights else ''}")
     return TrialContext(
@@ -386,7 +386,15 @@ def build_reference(plan: SearchPlan, prepared: PreparedSearch, echo):
         finetune=config.finetune, seed=config.seed,
         min_bits=config.min_bits, max_bits=config.max_bits, data_root=config.data_root,
         gpus_per_trial=config.gpus_per_trial, allowed=prepared.allowed,
-        dataset_options=dict(config.dataset_options), quant=config.quant_options())
+        dataset_options=dict(config.dataset_options), quant=config.quant_options(),
+        extra={REFERENCE_NODE: node})
+
+
+def reference_cache(plan: SearchPlan):
+    """Where reference models are cached: one per storage directory, shared by its searches."""
+    from .remote import ReferenceCache
+
+    return ReferenceCache(plan.storage / CACHE_DIR)
 
 
 def build_searcher(plan: SearchPlan, prepared: PreparedSearch, context, echo):
@@ -399,7 +407,7 @@ def build_searcher(plan: SearchPlan, prepared: PreparedSearch, context, echo):
         max_bits=config.max_bits, allowed=prepared.allowed,
         cost_metric=config.budget.metric if config.budget else M.LATENCY_MS,
         seed=config.seed, num_trials=config.num_trials, max_concurrent=config.max_concurrent,
-        extra={"ref_acc": context.ref_acc}, accuracy_oracle=_accuracy_oracle(config, context))
+        extra={"ref_acc": context.ref_acc}, accuracy_oracle=_accuracy_oracle(config, context, echo))
     options = dict(config.searcher_options)
     if options.pop(HISTORY_OPTION, False):  # seed the searcher from earlier searches' trials
         options["history"] = experiment_history(config, prepared, echo)
@@ -517,12 +525,18 @@ def experiment_history(config: SearchConfig, prepared: PreparedSearch, echo) -> 
 ORACLE_SEARCHERS = ("sensitivity-dp",)
 
 
-def _accuracy_oracle(config: SearchConfig, context):
+def _accuracy_oracle(config: SearchConfig, context, echo=None):
     if config.searcher not in ORACLE_SEARCHERS:
         return None
     from trainables.sensitivity import make_sensitivity_oracle
 
-    return make_sensitivity_oracle(context)  # lazy: loads data and model on its first call
+    from .remote import RemoteSensitivityRunner
+
+    # Lazy: evaluates on its first call, in Ray actors with a trial's resources, as many
+    # at once as trials would run (no trial runs while the searcher measures).
+    runner = RemoteSensitivityRunner(cpus=config.cpus_per_trial, gpus=config.gpus_per_trial,
+                                     workers=int(config.max_concurrent), echo=echo)
+    return make_sensitivity_oracle(context, runner=runner)
 
 
 def _trial_dirname(trial) -> str:
@@ -595,22 +609,28 @@ def evaluate_best(results, plan: SearchPlan, context, frame, echo) -> list[dict]
             if checkpoints.get(row["trial_id"]) is not None and checkpoint_exists(checkpoints[row["trial_id"]])]
     best = ranked_trials(rows, config.test_top_k)
 
+    from trainables.node import node_info
+
+    from .remote import ProgressLine, gather
+
     @ray.remote(num_cpus=config.cpus_per_trial, num_gpus=config.gpus_per_trial)
     def evaluate_task(checkpoint):
         with checkpoint.as_directory() as directory:
-            return evaluate_checkpoint(directory, dataset=config.dataset, data_root=config.data_root,
-                                       input_size=config.input_size, dataset_options=config.dataset_options,
-                                       gpus=config.gpus_per_trial,
-                                       num_threads=max(1, int(config.cpus_per_trial)))
+            return {**evaluate_checkpoint(directory, dataset=config.dataset, data_root=config.data_root,
+                                          input_size=config.input_size, dataset_options=config.dataset_options,
+                                          gpus=config.gpus_per_trial,
+                                          num_threads=max(1, int(config.cpus_per_trial))),
+                    "node": node_info()}
 
-    evaluated = ray.get([evaluate_task.remote(checkpoints[row["trial_id"]]) for row in best])
+    evaluated = gather([evaluate_task.remote(checkpoints[row["trial_id"]]) for row in best],
+                       ProgressLine("final evaluation", len(best), "checkpoints", echo) if best else None)
     out = []
     for row, result in zip(best, evaluated, strict=True):
         checkpoint = checkpoints[row["trial_id"]]
         out.append({"trial_id": row["trial_id"], M.VAL_ACC: row[M.VAL_ACC], M.TEST_ACC: result[M.TEST_ACC],
                     **{k: row[k] for k in (M.ACC_DROP, M.LATENCY_MS, M.ENERGY_MJ, M.SIZE_MB, M.REWARD)},
                     M.POLICY: row[M.POLICY], "checkpoint": str(checkpoint.path),
-                    "checkpoint_val_acc": result["checkpoint_val_acc"]})
+                    "checkpoint_val_acc": result["checkpoint_val_acc"], "node": result["node"]})
     return out
 
 
@@ -625,7 +645,9 @@ def evaluate_uniform8(plan: SearchPlan, context) -> dict:
 
     @ray.remote(num_cpus=config.cpus_per_trial, num_gpus=config.gpus_per_trial)
     def evaluate_task(ctx):
-        return evaluate_on_test(ctx, ctx.table.uniform(8), project=False)
+        from trainables.node import node_info
+
+        return {**evaluate_on_test(ctx, ctx.table.uniform(8), project=False), "node": node_info()}
 
     return ray.get(evaluate_task.remote(context))
 
@@ -636,12 +658,16 @@ def summarize(results, context, plan: SearchPlan, tracker, started: float, echo,
     print, log, write ``summary.json`` into the search directory."""
     import json
 
+    from trainables.node import node_info
     from trainables.trial import policy_costs
 
     config, search_id = plan.config, plan.search_id
     frame = results_frame(results)
     best_rows = evaluate_best(results, plan, context, frame, echo)
     reference = policy_costs(context.table, context.table.uniform(8))
+    # Where the heavy steps ran (none of them in the driver): see orchestrator/remote.py.
+    nodes = {"driver": node_info(), "reference": context.extra.get(REFERENCE_NODE),
+             "final_evaluation": [row.pop("node") for row in best_rows]}
     if config.test_top_k > 0:
         # The uniform 8-bit policy, fine-tuned and tested like the best ones (not projected:
         # it is what every reduction is measured against), so the accuracy loss vs 8-bit
@@ -649,6 +675,7 @@ def summarize(results, context, plan: SearchPlan, tracker, started: float, echo,
         try:
             eight = evaluate_uniform8(plan, context)
             reference = {**reference, M.VAL_ACC: eight[M.VAL_ACC], M.TEST_ACC: eight[M.TEST_ACC]}
+            nodes["uniform_8bit"] = eight["node"]
         except Exception as exc:  # a comparison point: a failed fine-tune must not lose the search
             last = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
             echo(f"haqtune: warning: the uniform 8-bit policy's fine-tune failed ({last}); "
@@ -658,7 +685,7 @@ def summarize(results, context, plan: SearchPlan, tracker, started: float, echo,
         "failed_trials": int((frame["status"] == "FAILED").sum()),
         "stopped_early_trials": int((frame["status"] == "KILLED").sum()),
         "wall_time_s": time.time() - started, "ref_acc": context.ref_acc,
-        "uniform_8bit": reference, "best": best_rows,
+        "uniform_8bit": reference, "best": best_rows, "nodes": nodes,
     }
     echo(f"\nhaqtune: {len(frame)} trials ({summary['failed_trials']} failed, "
          f"{summary['stopped_early_trials']} stopped early) in {summary['wall_time_s']:.0f} s; "

@@ -46,6 +46,8 @@ TAG_SEARCH_ID = "haqtune.search_id"
 TAG_TRIAL_ID = "haqtune.trial_id"
 TAG_SEARCHER = "haqtune.searcher"
 TAG_ERROR = "haqtune.error"  # a failed trial's exception, last line
+TAG_NODE = "haqtune.node"  # a trial's node: "hostname (ip)"
+TAG_NODE_ID = "haqtune.node_id"  # and its Ray node id
 TAG_ROLE = "haqtune.role"  # "search" (parent) or "trial" (child)
 ROLE_SEARCH, ROLE_TRIAL = "search", "trial"
 RUN_MAP_FILE = "mlflow_runs.json"
@@ -591,6 +593,11 @@ class MlflowTracker(Callback):
             op["params"].append([M.POLICY, str(result[M.POLICY])])
             op["params"].extend([k, str(v)] for k, v in self.trial_params.items())
             self._params_logged.add(tid)
+        # Every report carries the node (a retried trial may run on another node: last one wins).
+        tags = [[tag, str(result[key])] for tag, key in ((TAG_NODE, M.NODE), (TAG_NODE_ID, M.NODE_ID))
+                if result.get(key)]
+        if tags:
+            op["tags"] = tags
         self._submit(op)
 
     def _finish(self, trial, status: str) -> None:

@@ -10,6 +10,8 @@ SIZE_MB = "size_mb"
 REWARD = "reward"  # HAQ's 0.1 * (val_acc - ref_acc)
 EPOCH = "epoch"
 POLICY = "policy"  # the projected (evaluated) policy, as "w/a w/a ..." text
+NODE = "node"  # text: "hostname (ip)" of the node a trial ran on (an MLflow tag, not a metric)
+NODE_ID = "node_id"  # text: its Ray node id (tells apart nodes that share an IP, e.g. a test cluster)
 DONE = "final"  # 1 on the final report of a trial, 0 on per-epoch reports
 
 COST_METRICS = (LATENCY_MS, ENERGY_MJ, SIZE_MB)

@@ -15,6 +15,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Subset, TensorDataset
 
+from .node import node_data_root, node_label, prepare_once
+
 SPLIT_SEED = 20190601  # fixed: changing the search seed must not move samples between splits
 DIGITS = "digits"
 DATASETS = (DIGITS, "mnist", "cifar10", "imagefolder")
@@ -196,22 +198,29 @@ def load_digits_splits(options: DatasetOptions | None = None) -> DataSplits:
     return DataSplits(part(train_idx), part(val_idx), part(test_idx), 10, (1, 8, 8), DIGITS, fingerprint)
 
 
+def _check_imagefolder(root: str) -> None:
+    """A missing ImageFolder root names the node it is missing on: on a cluster each node
+    reads its own data root (or a shared file system mounted at the same path)."""
+    for split in ("train", "val"):
+        if not os.path.isdir(os.path.join(root, split)):
+            raise FileNotFoundError(
+                f"data_root {root!r} on node {node_label()}: expected an ImageNet-layout folder with "
+                f"train/<class>/* and val/<class>/* images, got no {split}/ folder in it")
+
+
 def _imagefolder_files(root: str) -> tuple[list[str], list[int]]:
     """Class names and labels of ``root/train`` (ImageFolder's own scan: sorted, no image read)."""
     from torchvision import datasets
 
-    for split in ("train", "val"):
-        if not os.path.isdir(os.path.join(root, split)):
-            raise FileNotFoundError(
-                f"data_root {root!r}: expected an ImageNet-layout folder with train/<class>/* and "
-                f"val/<class>/* images, got no {split}/ folder in it")
+    _check_imagefolder(root)
     train = datasets.ImageFolder(f"{root}/train")
     return train.classes, [t for _, t in train.samples]
 
 
-def dataset_facts(name: str, *, root: str = "./data", input_size: int | None = None) -> DatasetFacts:
+def dataset_facts(name: str, *, root: str | None = None, input_size: int | None = None) -> DatasetFacts:
     """Classes, sample shape and per-class pool size of ``name``, reading no image and
-    downloading nothing (an ImageFolder's directories are listed)."""
+    downloading nothing (an ImageFolder's directories are listed). ``root`` as in
+    ``load_dataset``."""
     if name == DIGITS:
         _, y = _digits_arrays()
         train_idx, val_idx, _ = _stratified_split(y, (0.6, 0.2, 0.2), SPLIT_SEED)
@@ -222,7 +231,7 @@ def dataset_facts(name: str, *, root: str = "./data", input_size: int | None = N
         return DatasetFacts(classes, shape, pool)
     if name != "imagefolder":
         raise UnknownDatasetError(f"unknown dataset {name!r}: choose between {', '.join(DATASETS)}")
-    classes, labels = _imagefolder_files(root)
+    classes, labels = _imagefolder_files(node_data_root(root))
     size = input_size or IMAGEFOLDER_DEFAULT_SIZE
     pool = np.bincount(np.asarray(labels, dtype=np.int64), minlength=len(classes))
     return DatasetFacts(len(classes), (3, size, size), int(pool.min()))
@@ -233,17 +242,22 @@ def _torchvision_splits(name: str, root: str, input_size: int | None, val_fracti
     import torchvision.transforms as T
     from torchvision import datasets
 
-    if name == "mnist":
-        tf = T.Compose([T.ToTensor(), T.Normalize((0.1307,), (0.3081,))])
-        full = datasets.MNIST(root, train=True, download=True, transform=tf)
-        test = datasets.MNIST(root, train=False, download=True, transform=tf)
-        classes, shape = 10, (1, 28, 28)
-    elif name == "cifar10":
-        tf = T.Compose([T.ToTensor(), T.Normalize((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616))])
-        full = datasets.CIFAR10(root, train=True, download=True, transform=tf)
-        test = datasets.CIFAR10(root, train=False, download=True, transform=tf)
-        classes, shape = 10, (3, 32, 32)
+    if name in ("mnist", "cifar10"):
+        if name == "mnist":
+            kind, classes, shape = datasets.MNIST, 10, (1, 28, 28)
+            tf = T.Compose([T.ToTensor(), T.Normalize((0.1307,), (0.3081,))])
+        else:
+            kind, classes, shape = datasets.CIFAR10, 10, (3, 32, 32)
+            tf = T.Compose([T.ToTensor(), T.Normalize((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616))])
+
+        def build(download: bool):
+            return (kind(root, train=True, download=download, transform=tf),
+                    kind(root, train=False, download=download, transform=tf))
+
+        # Once per node: concurrent trials of a node wait for the first one's download.
+        (full, test), _ = prepare_once(root, name, build)
     else:  # imagefolder: ROOT/train/<class>/* and ROOT/val/<class>/* (ImageNet layout)
+        _check_imagefolder(root)
         size = input_size or IMAGEFOLDER_DEFAULT_SIZE
         tf = T.Compose([T.Resize(int(size * 256 / 224)), T.CenterCrop(size), T.ToTensor(),
                         T.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))])
@@ -267,12 +281,15 @@ def _torchvision_splits(name: str, root: str, input_size: int | None, val_fracti
                       classes, shape, name, fingerprint)
 
 
-def load_dataset(name: str, *, root: str = "./data", input_size: int | None = None,
+def load_dataset(name: str, *, root: str | None = None, input_size: int | None = None,
                  val_fraction: float = DEFAULT_VAL_FRACTION, options: DatasetOptions | dict | None = None) -> DataSplits:
     """Load ``name`` (digits | mnist | cifar10 | imagefolder) as fixed train/val/test splits.
 
     ``digits`` ships with scikit-learn (no download); the torchvision datasets are
-    downloaded to ``root`` on first use; ``imagefolder`` reads ``root/train`` and ``root/val``.
+    downloaded to ``root`` on first use, once per node; ``imagefolder`` reads
+    ``root/train`` and ``root/val``. ``root`` is resolved on the node that loads
+    (``node.node_data_root``: None or the default = this node's ``~/.cache/haqtune/data``
+    or ``$HAQTUNE_DATA_ROOT``).
     ``options`` (``DatasetOptions`` or its dict) takes a HAQ-style class/image subset.
     """
     if not isinstance(options, DatasetOptions):
@@ -281,7 +298,7 @@ def load_dataset(name: str, *, root: str = "./data", input_size: int | None = No
         return load_digits_splits(options)
     if name not in DATASETS:
         raise UnknownDatasetError(f"unknown dataset {name!r}: choose between {', '.join(DATASETS)}")
-    return _torchvision_splits(name, root, input_size, val_fraction, options)
+    return _torchvision_splits(name, node_data_root(root), input_size, val_fraction, options)
 
 
 def calibration_batches(dataset: Dataset, indices, batch_size: int, *, device: torch.device | None = None):

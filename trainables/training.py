@@ -194,16 +194,25 @@ def make_optimizer(model: nn.Module, settings: TrainSettings, total_steps: int):
     return optimizer, scheduler
 
 
-def train(model: nn.Module, data: DataSplits, settings: TrainSettings, *, seed: int,
-          device: torch.device, num_workers: int = DEFAULT_LOADER_WORKERS) -> float:
-    """Train ``model`` in place; returns its validation accuracy."""
+def train_epochs(model: nn.Module, data: DataSplits, settings: TrainSettings, *, seed: int,
+                 device: torch.device, num_workers: int = DEFAULT_LOADER_WORKERS):
+    """Train ``model`` in place, yielding the number of each finished epoch (1..epochs):
+    a caller reports progress between epochs (the reference task streams it to the driver)."""
     generator = torch.Generator().manual_seed(seed)
     model.to(device)
     optimizer, scheduler = make_optimizer(model, settings, settings.epochs * steps_per_epoch(data, settings))
     scaler = make_grad_scaler(settings.amp, device)
-    for _ in range(settings.epochs):
+    for epoch in range(1, settings.epochs + 1):
         train_epoch(model, data, optimizer, settings, generator=generator, device=device,
                     scheduler=scheduler, scaler=scaler, num_workers=num_workers)
+        yield epoch
+
+
+def train(model: nn.Module, data: DataSplits, settings: TrainSettings, *, seed: int,
+          device: torch.device, num_workers: int = DEFAULT_LOADER_WORKERS) -> float:
+    """Train ``model`` in place; returns its validation accuracy."""
+    for _ in train_epochs(model, data, settings, seed=seed, device=device, num_workers=num_workers):
+        pass
     return evaluate(model, data.val, device=device, num_workers=num_workers)
 
 
@@ -241,8 +250,31 @@ def reference_cache_key(*, model: str, dataset: str, data: DataSplits, dataset_o
     return reference_key(
         model=model, model_source=model_source_hash(model), dataset=dataset,
         dataset_options=dict(sorted((dataset_options or {}).items())), data_fingerprint=data.fingerprint,
-        data_root=os.path.abspath(data_root), input_shape=list(data.input_shape),
+        # A "~" root is each node's own (node.node_data_root): the key keeps it as written.
+        data_root=data_root if data_root.startswith("~") else os.path.abspath(data_root),
+        input_shape=list(data.input_shape),
         **{k: v for k, v in sorted(model_kwargs.items())})
+
+
+def reference_payload(key: dict, settings: TrainSettings, *, seed: int, weights=None) -> dict:
+    """The full cache key of a reference: ``key`` (``reference_cache_key``) plus the
+    training settings and seed, or, for a pretrained one, the weights' identity."""
+    if weights is not None:
+        return {**key, "weights": {"source": weights.source, "identity": weights.identity}}
+    # amp joins the key only when on, so references cached before it existed stay valid.
+    settings_dict = {k: v for k, v in asdict(settings).items()
+                     if k != "weights" and not (k == "amp" and v == "off")}
+    return {**key, "settings": settings_dict, "seed": seed}
+
+
+def reference_cache_name(payload: dict) -> str:
+    """The cache file name of a reference (a 64-bit content hash of its payload)."""
+    return f"reference-{content_hash(payload)}.pt"
+
+
+def load_cached_reference(path: Path | None, payload: dict):
+    """``{"state_dict", "val_acc", "key"}`` cached at ``path`` for ``payload``, else None."""
+    return _load_cached(path, payload)
 
 
 def _load_cached(path: Path | None, payload: dict):
@@ -260,11 +292,8 @@ def train_reference(build, data: DataSplits, settings: TrainSettings, *, seed: i
     Returns ``(state_dict, val_acc, cache_path)``; ``build()`` makes the untrained model.
     Cache entries are written atomically and read with ``weights_only=True``.
     """
-    # amp joins the key only when on, so references cached before it existed stay valid.
-    settings_dict = {k: v for k, v in asdict(settings).items()
-                     if k != "weights" and not (k == "amp" and v == "off")}
-    payload = {**key, "settings": settings_dict, "seed": seed}
-    path = Path(cache_dir) / f"reference-{content_hash(payload)}.pt" if cache_dir else None
+    payload = reference_payload(key, settings, seed=seed)
+    path = Path(cache_dir) / reference_cache_name(payload) if cache_dir else None
     cached = _load_cached(path, payload)
     if cached is not None:
         return cached["state_dict"], float(cached["val_acc"]), path
@@ -286,8 +315,8 @@ def pretrained_reference(build, data: DataSplits, weights, *, cache_dir: Path | 
     """
     from .models import apply_weights
 
-    payload = {**key, "weights": {"source": weights.source, "identity": weights.identity}}
-    path = Path(cache_dir) / f"reference-{content_hash(payload)}.pt" if cache_dir else None
+    payload = reference_payload(key, None, seed=0, weights=weights)
+    path = Path(cache_dir) / reference_cache_name(payload) if cache_dir else None
     cached = _load_cached(path, payload)
     if cached is not None:
         return cached["state_dict"], float(cached["val_acc"]), path

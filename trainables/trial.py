@@ -62,6 +62,7 @@ from search_spaces import metrics as M
 
 from .data import DataSplits, calibration_batches, load_dataset
 from .models import build_model
+from .node import node_info, node_label
 from .quantize import CALIBRATION_BATCH_SIZE, QuantOptions, quantize_model
 from .training import (
     DEFAULT_LOADER_WORKERS,
@@ -209,12 +210,16 @@ def quantize_and_finetune(config: dict, context: TrialContext) -> None:
 
     context = _inject_faults(context)
 
+    # Where the trial runs, in every report (the tracker tags its MLflow run with it).
+    node = node_info()
+    where = {M.NODE: node_label(node), M.NODE_ID: node["node_id"] or ""}
+
     def report(epoch: int, val_acc: float) -> None:
         if epoch < last_epoch:  # the last epoch is reported below, with the checkpoint
-            tune.report({**trial_metrics(context, policy, val_acc), M.EPOCH: epoch, M.DONE: 0})
+            tune.report({**trial_metrics(context, policy, val_acc), M.EPOCH: epoch, M.DONE: 0, **where})
 
     model, _, _, val_acc = finetune_policy(context, policy, on_epoch=report, num_workers=threads)
-    metrics = {**trial_metrics(context, policy, val_acc), M.EPOCH: last_epoch, M.DONE: 1}
+    metrics = {**trial_metrics(context, policy, val_acc), M.EPOCH: last_epoch, M.DONE: 1, **where}
     with tempfile.TemporaryDirectory(prefix="haqtune-ckpt-") as directory:
         save_quantized_checkpoint(directory, model, context=context, policy=policy, metrics=metrics)
         tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(directory))

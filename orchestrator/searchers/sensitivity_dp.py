@@ -110,12 +110,19 @@ def measure_sensitivity(oracle, allowed: AllowedBits, max_bits: int):
     Only the points of ``_measured`` are evaluated; other columns stay 0 (max bits:
     assumed lossless; widths a layer cannot use or cannot choose between: irrelevant).
     """
-    acc_ref = float(oracle(None, max_bits, max_bits))
-    drops = np.zeros((allowed.num_layers, 2, NUM_BITS))
-    for layer, col, index in zip(*np.nonzero(_measured(allowed, max_bits)), strict=True):
+    where = list(zip(*np.nonzero(_measured(allowed, max_bits)), strict=True))
+    points = [(None, max_bits, max_bits)]
+    for layer, col, index in where:
         bits = int(index) + MIN_BITS
-        w_bits, a_bits = (bits, max_bits) if col == 0 else (max_bits, bits)
-        drops[layer, col, index] = acc_ref - float(oracle(int(layer), w_bits, a_bits))
+        points.append((int(layer), bits, max_bits) if col == 0 else (int(layer), max_bits, bits))
+    # One batch when the oracle takes batches (the search's oracle evaluates them in
+    # parallel on workers), else one call per point.
+    many = getattr(oracle, "evaluate_many", None)
+    accs = [float(a) for a in (many(points) if many is not None else (oracle(*p) for p in points))]
+    acc_ref = accs[0]
+    drops = np.zeros((allowed.num_layers, 2, NUM_BITS))
+    for (layer, col, index), acc in zip(where, accs[1:], strict=True):
+        drops[layer, col, index] = acc_ref - acc
     return acc_ref, drops[:, 0], drops[:, 1]
 
 
@@ -271,15 +278,8 @@ class SensitivityDPSearcher(SearchPropertiesMixin, Searcher):
             self.acc_ref, self.drop_w, self.drop_a = proxy_sensitivity(p)
             self.sensitivity_source = "proxy"
             return
-        calls = 0
-
-        def counted(layer, w_bits, a_bits):
-            nonlocal calls
-            calls += 1
-            return p.accuracy_oracle(layer, w_bits, a_bits)
-
-        self.acc_ref, self.drop_w, self.drop_a = measure_sensitivity(counted, p.allowed, p.max_bits)
-        self.oracle_calls = calls
+        self.acc_ref, self.drop_w, self.drop_a = measure_sensitivity(p.accuracy_oracle, p.allowed, p.max_bits)
+        self.oracle_calls = num_oracle_calls(p)  # one per measured point (measure_sensitivity)
         self.sensitivity_source = "oracle"
 
     def predicted_drop(self, policy) -> float:
