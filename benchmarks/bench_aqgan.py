@@ -50,6 +50,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import hardware  # noqa: E402
 from orchestrator.searchers import SearchProblem, make_searcher  # noqa: E402
+from orchestrator.searchers._aqgan import RidgePredictor  # noqa: E402
 from orchestrator.searchers.aqgan import generate_policies, project_many  # noqa: E402
 from search_spaces import Budget, SurrogateObjective, format_policy  # noqa: E402
 from search_spaces import metrics as M  # noqa: E402
@@ -64,6 +65,8 @@ TPE_CAP = 300
 DEMO_TPE_CAP = 100  # a real fine-tune per trial
 DESIGN_POINTS = 10
 PERCENT = 100.0
+SPREAD = 0.0  # generate_policies' condition spread (quantile) in the target-error protocol
+WARMUP_SPREAD_BITS = 1.5  # the searcher's default warmup_spread
 
 
 def layers_of(model: str, input_size: int | None = None, **kwargs):
@@ -96,47 +99,68 @@ def spearman(x, y) -> float:
     return float(spearmanr(x, y).statistic)
 
 
-def ridge_baseline(problem: SearchProblem, history_p, history_a, targets, rng, per_target: int) -> list[np.ndarray]:
-    from sklearn.linear_model import Ridge
-
+def diverse_pool(problem: SearchProblem, rng, size: int) -> np.ndarray:
+    """``size`` random policies spread over the accuracy range, projected to the budget: each
+    at a random level (uniform over the bit range) with per-entry scatter (the searcher's
+    warm-up recipe). Uniform random bits instead (each entry 1..8) put a 1-2-bit layer in
+    almost every policy: after projection they all sit in one collapsed accuracy band that
+    no ranking can steer out of, which made the first version of this baseline a straw man."""
     lo, hi = problem.min_bits, problem.max_bits
-    k = hi - lo + 1
+    level = rng.uniform(lo - 0.5, hi + 0.5, size=(size, 1, 1))
+    bits = level + WARMUP_SPREAD_BITS * rng.standard_normal((size, problem.num_layers, 2))
+    return project_many(problem, np.clip(np.rint(bits), lo, hi).astype(np.int64))
 
-    def onehot(p):
-        p = np.asarray(p) - lo
-        return np.eye(k)[p].reshape(len(p), -1)
 
-    reg = Ridge(alpha=1.0).fit(onehot(np.stack(history_p)), np.array(history_a))
+def ridge_baseline(problem: SearchProblem, history_p, history_a, targets, rng, per_target: int, *,
+                   pool_kind: str) -> list[np.ndarray]:
+    """No GAN: a random pool ranked by the same ridge predictor ``generate`` uses (fitted to
+    the same history, penalty by leave-one-out), the ``per_target`` closest to each target."""
+    reg = RidgePredictor(policies=np.stack(history_p), accs=np.array(history_a), min_bits=problem.min_bits,
+                         num_choices=problem.max_bits - problem.min_bits + 1)
     out = []
     for target in targets:
-        pool = rng.integers(lo, hi + 1, size=(POOL, problem.num_layers, 2))
-        pool = project_many(problem, pool)
-        pred = reg.predict(onehot(pool))
+        if pool_kind == "uniform":
+            pool = project_many(problem, rng.integers(problem.min_bits, problem.max_bits + 1,
+                                                      size=(POOL, problem.num_layers, 2)))
+        else:
+            pool = diverse_pool(problem, rng, POOL)
+        pred = reg.predict(pool)
         out.append(pool[np.argsort(np.abs(pred - target), kind="stable")[:per_target]])
     return out
 
 
+def head_ranked(model, problem: SearchProblem, target: float, per_target: int, spread: float) -> np.ndarray:
+    """The first design's selection: the same pool, ranked by the discriminator's regression head."""
+    raw = np.unique(model.generate(POOL, target, spread=spread), axis=0)
+    projected = project_many(problem, raw)
+    pred = model.head_predict(projected)
+    return projected[np.argsort(np.abs(pred - target), kind="stable")[:per_target]]
+
+
 def target_error(name: str, problem: SearchProblem, searcher, evaluate, history_p, history_a, seed: int, *,
-                 per_target: int = PER_TARGET) -> dict:
+                 per_target: int = PER_TARGET, spread: float = SPREAD) -> dict:
     """Step 2 of the protocol; prints the table rows and returns the summary numbers."""
     accs = np.array(history_a)
     targets = [float(np.percentile(accs, q)) for q in PERCENTILES]
     train_keys = {p.astype(np.int8).tobytes() for p in history_p}
     model = searcher.model
-    model.torch_rng.manual_seed(seed)
-    methods = {
-        "aqgan (generate + project + re-score)": [
-            np.stack([r["policy"] for r in generate_policies(model, problem, t, per_target, pool=POOL)])
-            for t in targets],
-        "aqgan, measured accuracy for known policies": [
-            np.stack([r["policy"] for r in generate_policies(
-                model, problem, t, per_target, pool=POOL, measured=(np.stack(history_p), np.array(history_a)))])
-            for t in targets],
-        "aqgan generator only (first samples, projected)": [
-            np.stack([problem.project(p) for p in model.generate(per_target, t)]) for t in targets],
-        "ridge on one-hot bits (random pool)": ridge_baseline(
-            problem, history_p, history_a, targets, np.random.default_rng(seed), per_target),
-    }
+    measured = (np.stack(history_p), np.array(history_a))
+    methods = {}
+
+    def method(label, make):
+        model.torch_rng.manual_seed(seed)  # every method draws the same samples from the generator
+        methods[label] = make()
+
+    method("aqgan: `haqtune generate` (generate, project, ridge re-score, known policies measured)",
+           lambda: [np.stack([r["policy"] for r in generate_policies(
+               model, problem, t, per_target, pool=POOL, measured=measured, spread=spread)]) for t in targets])
+    method("aqgan, re-scored by the discriminator's head (first design)",
+           lambda: [head_ranked(model, problem, t, per_target, spread=0.0) for t in targets])
+    method("aqgan generator only (first samples, projected)",
+           lambda: [np.stack([problem.project(p) for p in model.generate(per_target, t)]) for t in targets])
+    for kind in ("diverse", "uniform"):
+        methods[f"ridge baseline: {POOL} random policies ({kind} pool), same ridge"] = ridge_baseline(
+            problem, history_p, history_a, targets, np.random.default_rng(seed), per_target, pool_kind=kind)
     print(f"\n#### {name}: target error ({len(history_p)}-trial aqgan history, val_acc "
           f"{accs.min():.4f}..{accs.max():.4f}; targets = percentiles {PERCENTILES} = "
           + ", ".join(f"{t:.4f}" for t in targets) + f"; {per_target} policies each)\n")

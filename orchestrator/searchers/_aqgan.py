@@ -29,6 +29,17 @@ The paper's internals are not public. What is here, and why:
   regression head's prediction for what it generated. Targets for fakes are drawn
   from the data's own quantiles plus a small jitter, so the condition the generator
   sees matches the distribution it is trained to reproduce.
+- **Selection predictor** (``predict``): generate-and-select ranks candidates by a ridge
+  regression of val_acc on the one-hot bits, fitted in closed form on the same data,
+  its penalty picked by exact leave-one-out error; not by the discriminator's
+  regression head (``head_predict``). Measured on the demo's 40-trial acceptance
+  history: 5-fold CV mean abs error 3.9 points for the ridge vs 6.6 for the head, and
+  5.7 vs 14.5 on 40 policies of other searchers (haq, tpe) of the same experiment.
+  The head is trained jointly with an adversarial objective on a few dozen points and
+  over-predicts policies unlike its data; a linear model on one-hot bits is what
+  accuracy mostly is (per-layer sensitivities add up). The head still drives the
+  generator's consistency term. The ridge is a deterministic function of the data,
+  so checkpoints and exports carry the data, not its weights.
 - **Determinism.** Every random number comes from one ``torch.Generator`` (init,
   batches, noise, Gumbel draws); no global RNG is read.
 """
@@ -176,12 +187,55 @@ def one_hot(policies: np.ndarray, min_bits: int, num_choices: int) -> torch.Tens
     return nn.functional.one_hot(idx, num_choices).to(torch.float32).flatten(1)
 
 
+RIDGE_ALPHAS = (0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0, 100.0)
+
+
+class RidgePredictor:
+    """val_acc ~ ridge regression on one-hot bits with an unpenalized intercept; the
+    penalty ``alpha`` minimizes the exact leave-one-out squared error (closed form from
+    the hat matrix, one eigendecomposition of the n x n Gram matrix for all alphas)."""
+
+    def __init__(self, *, policies: np.ndarray, accs: np.ndarray, min_bits: int, num_choices: int,
+                 alphas=RIDGE_ALPHAS) -> None:
+        self.min_bits, self.num_choices = min_bits, num_choices
+        x = one_hot(policies, min_bits, num_choices).double().numpy()
+        y = np.asarray(accs, dtype=np.float64)
+        n = len(y)
+        self.x_mean, self.y_mean = x.mean(axis=0), float(y.mean())
+        xc, yc = x - self.x_mean, y - self.y_mean
+        # Dual form: the Gram matrix is n x n (a few hundred trials) while one-hot
+        # inputs have L*2*K columns (848 for MobileNetV2).
+        eigval, eigvec = np.linalg.eigh(xc @ xc.T)
+        eigval = np.clip(eigval, 0.0, None)
+        proj = eigvec.T @ yc
+        best = None
+        for alpha in alphas:
+            shrink = eigval / (eigval + alpha)
+            fitted = eigvec @ (shrink * proj)
+            # Hat matrix of the centred fit plus the intercept's 1/n on the diagonal.
+            leverage = (eigvec ** 2) @ shrink + 1.0 / n
+            residual = (yc - fitted) / np.clip(1.0 - leverage, 1e-6, None)
+            loo_mse = float(np.mean(residual ** 2))
+            if best is None or loo_mse < best[0]:
+                best = (loo_mse, alpha, eigvec @ (proj / (eigval + alpha)))
+        self.loo_mse, self.alpha, dual = best
+        self.coef = xc.T @ dual
+
+    def predict(self, policies: np.ndarray) -> np.ndarray:
+        if len(policies) == 0:
+            return np.zeros(0)
+        x = one_hot(policies, self.min_bits, self.num_choices).double().numpy()
+        return (x - self.x_mean) @ self.coef + self.y_mean
+
+
 class AQGAN:
     """Conditional GAN over quantization policies of one network (see the module docstring).
 
-    ``fit(policies, accs, steps)`` trains (warm-starting from the previous round);
-    ``generate(n, target_acc)`` samples policies; ``predict(policies)`` is the
-    regression head's accuracy estimate.
+    ``fit(policies, accs, steps)`` trains (warm-starting from the previous round) and
+    fits the selection predictor; ``generate(n, target_acc)`` samples policies;
+    ``predict(policies)`` is the selection predictor's accuracy estimate (ridge, see the
+    module docstring; ``fit_predictor`` refits it on more data), ``head_predict`` the
+    discriminator's regression head's.
     """
 
     def __init__(self, *, num_layers: int, min_bits: int, max_bits: int, config: GANConfig,
@@ -197,6 +251,7 @@ class AQGAN:
         self.opt_g = torch.optim.Adam(self.gen.parameters(), lr=config.lr, betas=(0.5, 0.9))
         self.opt_d = torch.optim.Adam(self.disc.parameters(), lr=config.lr, betas=(0.5, 0.9))
         self.scale: AccuracyScale | None = None
+        self.predictor: RidgePredictor | None = None
         self.rounds = 0
         self.losses = {"d": float("nan"), "g": float("nan"), "reg_mse": float("nan")}
 
@@ -222,6 +277,7 @@ class AQGAN:
         cfg = self.config
         steps = cfg.train_steps if steps is None else steps
         self.scale = AccuracyScale(accs)
+        self.fit_predictor(policies, accs)
         x_all = one_hot(policies, self.min_bits, self.num_choices)
         y_all = torch.from_numpy(self.scale.to_unit(accs).astype(np.float32))
         n, batch = len(x_all), cfg.batch_size
@@ -260,6 +316,11 @@ class AQGAN:
                            "reg_mse": float(reg_mse.detach())}
         self.rounds += 1
 
+    def fit_predictor(self, policies: np.ndarray, accs: np.ndarray) -> None:
+        """(Re)fit the selection predictor on ``policies`` ``[N, L, 2]`` and their val_acc."""
+        self.predictor = RidgePredictor(policies=np.asarray(policies), accs=np.asarray(accs),
+                                        min_bits=self.min_bits, num_choices=self.num_choices)
+
     def _gradient_penalty(self, real: torch.Tensor, fake: torch.Tensor) -> torch.Tensor:
         alpha = torch.rand(len(real), 1, generator=self.torch_rng)
         mixed = (alpha * real + (1 - alpha) * fake).requires_grad_(True)
@@ -270,19 +331,29 @@ class AQGAN:
     # ---- sampling -----------------------------------------------------------------------
 
     @torch.no_grad()
-    def generate(self, num: int, target_acc: float | np.ndarray) -> np.ndarray:
+    def generate(self, num: int, target_acc: float | np.ndarray, *, spread: float = 0.0) -> np.ndarray:
         """``num`` policies ``[num, L, 2]`` (int64 bits) sampled at ``target_acc``
-        (one accuracy, or one per policy), before any budget projection."""
+        (one accuracy, or one per policy), before any budget projection. ``spread`` > 0
+        draws each policy's condition uniformly within +-``spread`` of the target's
+        quantile (clipped to [0, 1]): a wider pool for a predictor to select from."""
         if not self.trained:
             raise RuntimeError("aqgan: the generator has not been trained yet")
         unit = torch.from_numpy(np.broadcast_to(self.scale.to_unit(target_acc), (num,)).astype(np.float32))
+        if spread > 0:
+            unit = (unit + (torch.rand(num, generator=self.torch_rng) * 2 - 1) * spread).clamp(0, 1)
         noise = torch.randn(num, self.config.noise_dim, generator=self.torch_rng)
         logits = self.gen(noise, unit)
         choice = (logits + self._gumbel(logits.shape)).argmax(-1)  # Gumbel-max: exact sampling
         return choice.numpy().astype(np.int64) + self.min_bits
 
-    @torch.no_grad()
     def predict(self, policies: np.ndarray) -> np.ndarray:
+        """The selection predictor's val_acc estimate of policies ``[N, L, 2]``: ``[N]``."""
+        if self.predictor is None:
+            raise RuntimeError("aqgan: no selection predictor: call fit or fit_predictor first")
+        return self.predictor.predict(policies)
+
+    @torch.no_grad()
+    def head_predict(self, policies: np.ndarray) -> np.ndarray:
         """The regression head's val_acc estimate of policies ``[N, L, 2]``: ``[N]``."""
         if not self.trained:
             raise RuntimeError("aqgan: the generator has not been trained yet")
