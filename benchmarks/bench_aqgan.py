@@ -116,7 +116,7 @@ def ridge_baseline(problem: SearchProblem, history_p, history_a, targets, rng, p
     """No GAN: a random pool ranked by the same ridge predictor ``generate`` uses (fitted to
     the same history, penalty by leave-one-out), the ``per_target`` closest to each target."""
     reg = RidgePredictor(policies=np.stack(history_p), accs=np.array(history_a), min_bits=problem.min_bits,
-                         num_choices=problem.max_bits - problem.min_bits + 1)
+                         max_bits=problem.max_bits)
     out = []
     for target in targets:
         if pool_kind == "uniform":
