@@ -194,8 +194,8 @@ RIDGE_ALPHAS = (0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0, 100.0)
 class RidgePredictor:
     """val_acc ~ ridge regression on thermometer-coded bits (one indicator "bits <= t" per
     entry and threshold t) with an unpenalized intercept; the penalty ``alpha`` minimizes
-    the exact leave-one-out squared error (closed form from the hat matrix, one
-    eigendecomposition of the n x n Gram matrix for all alphas).
+    the exact leave-one-out squared error (closed form from the hat matrix, one thin SVD
+    of the data for all alphas).
 
     Thermometer columns span the same functions as one-hot ones (per-entry effects of each
     bitwidth); the difference is what the penalty shrinks: the *step* between adjacent
@@ -212,23 +212,21 @@ class RidgePredictor:
         n = len(y)
         self.x_mean, self.y_mean = x.mean(axis=0), float(y.mean())
         xc, yc = x - self.x_mean, y - self.y_mean
-        # Dual form: the Gram matrix is n x n (a few hundred trials) while the inputs have
-        # L*2*(K-1) columns (742 for MobileNetV2).
-        eigval, eigvec = np.linalg.eigh(xc @ xc.T)
-        eigval = np.clip(eigval, 0.0, None)
-        proj = eigvec.T @ yc
+        # Thin SVD xc = U diag(s) V^T: min(n, d) columns whatever the shape (a few dozen
+        # to a few thousand trials; L*2*(K-1) = 742 columns for MobileNetV2).
+        u, sv, vt = np.linalg.svd(xc, full_matrices=False)
+        uy = u.T @ yc
         best = None
         for alpha in alphas:
-            shrink = eigval / (eigval + alpha)
-            fitted = eigvec @ (shrink * proj)
+            shrink = sv ** 2 / (sv ** 2 + alpha)
+            fitted = u @ (shrink * uy)
             # Hat matrix of the centred fit plus the intercept's 1/n on the diagonal.
-            leverage = (eigvec ** 2) @ shrink + 1.0 / n
+            leverage = (u ** 2) @ shrink + 1.0 / n
             residual = (yc - fitted) / np.clip(1.0 - leverage, 1e-6, None)
             loo_mse = float(np.mean(residual ** 2))
             if best is None or loo_mse < best[0]:
-                best = (loo_mse, alpha, eigvec @ (proj / (eigval + alpha)))
-        self.loo_mse, self.alpha, dual = best
-        self.coef = xc.T @ dual
+                best = (loo_mse, alpha, vt.T @ (sv / (sv ** 2 + alpha) * uy))
+        self.loo_mse, self.alpha, self.coef = best
 
     def features(self, policies: np.ndarray) -> np.ndarray:
         """``[N, L, 2]`` bits -> ``[N, L*2*(K-1)]`` thermometer code (float64)."""
