@@ -9,31 +9,37 @@ and (2) about two orders of magnitude lower search cost per design point. Protoc
 1. **History.** An ``aqgan`` search of ``HISTORY_TRIALS`` trials under budget A (driven
    directly, as Ray Tune would); its final generator is the model under test.
 2. **Target error.** Five targets at the 10/30/50/70/90th percentiles of the history's
-   val_acc; ``PER_TARGET`` policies each, picked by ``generate_policies`` (generate 256,
-   project to the budget, re-score with the regression head, keep those predicted
-   closest to the target) and evaluated for real. Reported: mean |achieved - target|
-   (accuracy points), Spearman(target, achieved) over all pairs, the share of unique
-   policies and of exact copies of training policies. Also "generator only" (the first
-   ``PER_TARGET`` samples, projected, no re-scoring) and the **ridge baseline**: 256
-   random policies (uniform bits, projected), ranked by a ridge regressor on one-hot
-   bits fitted to the same history, the ``PER_TARGET`` predicted closest to the target.
-3. **Cost per design point.** A new design point = (target, budget B on other
-   hardware). ``generate`` evaluates its ranked policies in order until one reaches
-   the target (val_acc >= target - ``REACH_TOL``); a fresh ``tpe`` search under B counts
-   trials until its best does (cap ``TPE_CAP``). Both "marginal" (the generator
-   exists) and "amortized" (the history search spread over ``DESIGN_POINTS`` points).
+   val_acc; ``PER_TARGET`` policies each, picked by ``generate_policies`` (what ``haqtune
+   generate`` does: generate 256, project to the budget, re-score with the ridge
+   predictor, known policies by their measured val_acc, keep those closest to the
+   target) and evaluated for real. Reported: mean |achieved - target| (accuracy points),
+   Spearman(target, achieved) over all pairs, the share of unique policies and of exact
+   copies of training policies. Comparison rows: the same pool re-scored by the
+   discriminator's regression head (the first design), the generator alone (first
+   samples, projected), and the **ridge baseline** without a GAN: 256 random policies
+   ranked by the same ridge predictor, from a *diverse* pool (random level per policy +
+   scatter, covering the accuracy range) and from a *uniform* pool (each entry uniform
+   in 1..8: the first, straw-man version; surrogate only).
+3. **Cost per design point.** A new design point = (target, budget on some hardware);
+   targets p50, p90 and the best of the history. ``generate`` evaluates its policies
+   (highest predicted first) until one reaches the target (val_acc >= target -
+   ``REACH_TOL``); a fresh ``tpe`` search under that budget counts trials until one
+   does (cap). Totals over all design points, with the history search charged once:
+   amortized ratio = sum(tpe) / (history trials + sum(generate)); see
+   ``cost_per_design_point`` for failures and caps.
 4. **Speed.** 256 candidates generated + projected (+ re-scored), one thread, median of
    repeats, for the 12-layer demo net and MobileNetV2 (53 layers).
+5. **Noise floor** (demo): the same policies fine-tuned with other seeds.
 
 Surrogate: ``SurrogateObjective`` (seeded additive penalties; deterministic) on
-MobileNetV2 priced by bismo-cloud, history under latency=0.5, new design points on
-bismo-edge latency=0.5. Demo: the real trial (``finetune_policy``: quantize, 2-epoch
-fine-tune on digits, val split) in-process; the history and the generator are those of
-the newest ``aqgan`` search in ``--experiment`` (the acceptance search: ``haqtune search
---searcher aqgan --num-trials 40 --hardware bitfusion --budget energy=0.5``, run from the
-same directory so its cached reference model is reused), new design points on
-bismo-edge latency=0.5. Real fine-tunes are slow on a shared CPU: ``--per-target``
-lowers the policies per target.
+MobileNetV2 priced by bismo-cloud, history under latency=0.5, new design points in
+``SURROGATE_DESIGN_BUDGETS``. Demo: the real trial (``finetune_policy``: quantize,
+2-epoch fine-tune on digits, val split) in-process; the history and the generator are
+those of the newest ``aqgan`` search in ``--experiment`` (the acceptance search:
+``haqtune search --searcher aqgan --num-trials 40 --hardware bitfusion --budget
+energy=0.5``, run from the same directory so its cached reference model is reused),
+new design points in ``DEMO_DESIGN_BUDGETS``. Real fine-tunes are slow on a shared
+CPU: ``--per-target`` lowers the policies per target.
 """
 
 from __future__ import annotations
@@ -69,16 +75,15 @@ NOISE_SEEDS = 3
 # Real fine-tunes are expensive: the demo leaves out the generator-only and uniform-pool rows.
 ALL_METHODS = ("generate", "head", "generator-only", "ridge-diverse", "ridge-uniform")
 DEMO_METHODS = ("generate", "head", "ridge-diverse")
-DESIGN_POINTS = 10
 PERCENT = 100.0
 SPREAD = 0.0  # generate_policies' condition spread (quantile) in the target-error protocol
-WARMUP_SPREAD_BITS = 1.5
+WARMUP_SPREAD_BITS = 1.5  # the searcher's default warmup_spread
 # New design points for the surrogate's generator (history: bismo-cloud latency=0.5):
 # other hardware, other metrics, a tighter limit.
 SURROGATE_DESIGN_BUDGETS = (("bismo-edge", "latency=0.5"), ("bismo-edge", "energy=0.5"),
                             ("bitfusion", "energy=0.5"), ("bismo-cloud", "energy=0.5"),
                             ("bismo-cloud", "latency=0.4"), ("bismo-cloud", "latency=0.6"))
-SURROGATE_TPE_SEEDS = 2  # the searcher's default warmup_spread
+SURROGATE_TPE_SEEDS = 1  # a 300-trial tpe run per design point and seed: minutes on the shared VM
 
 
 def layers_of(model: str, input_size: int | None = None, **kwargs):
@@ -298,11 +303,11 @@ def speed() -> None:
         print(f"| {label} on {hw} | {len(layers)} | {med[0]:.1f} | {med[1]:.1f} | {med[2]:.1f} | {med[3]:.1f} |")
 
 
-def surrogate_part(quick: bool) -> None:
+def surrogate_part(quick: bool, seeds=None) -> None:
     layers = layers_of("mobilenet_v2", 224)
     table_a = hardware.get_cost_model("bismo-cloud").table(layers)
     budget = Budget("latency_ms", 0.5, relative=True)
-    seeds = range(1 if quick else 3)
+    seeds = (range(1 if quick else 3)) if seeds is None else seeds
     tables = {hw: hardware.get_cost_model(hw).table(layers) for hw in {hw for hw, _ in SURROGATE_DESIGN_BUDGETS}}
     print(f"\n### Surrogate: MobileNetV2 ({len(layers)} layers); history on bismo-cloud {budget}; new design "
           "points: " + ", ".join(f"{hw} {b}" for hw, b in SURROGATE_DESIGN_BUDGETS))
@@ -455,6 +460,8 @@ def main(argv=None) -> None:
     parser.add_argument("--quick", action="store_true", help="one seed: a smoke run")
     parser.add_argument("--experiment", default="haqtune", help="demo: MLflow experiment of the aqgan search")
     parser.add_argument("--tracking-uri", help="demo: MLflow store (default sqlite:///mlflow.db)")
+    parser.add_argument("--seeds", type=lambda t: [int(x) for x in t.split(",")],
+                        help="surrogate: these seeds (default 0,1,2; --quick: 0)")
     parser.add_argument("--per-target", type=int, default=PER_TARGET, help="policies per target")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
@@ -464,7 +471,7 @@ def main(argv=None) -> None:
     if args.part in ("speed", "all"):
         speed()
     if args.part in ("surrogate", "all"):
-        surrogate_part(args.quick)
+        surrogate_part(args.quick, args.seeds)
     if args.part in ("demo", "all"):
         demo_part(args.quick, args.experiment, args.tracking_uri, args.per_target)
 
