@@ -19,7 +19,7 @@ from scipy.stats import spearmanr
 from test_searcher_contract import LAYERS, fake_result, make_problem, run_trials
 
 from orchestrator.searchers import SEARCHER_ARTIFACTS_DIR, SearchProblem, make_searcher
-from orchestrator.searchers._aqgan import AQGAN, AccuracyScale, GANConfig, RidgePredictor
+from orchestrator.searchers._aqgan import AQGAN, AccuracyScale, GANConfig, RidgePredictor, one_hot
 from orchestrator.searchers.aqgan import (
     GENERATOR_FILE,
     generate_policies,
@@ -76,6 +76,10 @@ def test_ridge_predictor_leave_one_out_is_exact_and_it_learns_additive_accuracy(
     np.testing.assert_array_equal(ridge.features(np.full((1, len(LAYERS), 2), 3))[0].reshape(-1, 7)[0],
                                   [0, 0, 1, 1, 1, 1, 1])
     held_out, true_acc = _additive(200, len(LAYERS), seed=1)
+    # The same linear model on the one-hot code (what the generator's consistency term uses).
+    weights, bias = ridge.one_hot_weights()
+    on_one_hot = one_hot(held_out, 1, 8).double() @ weights.double() + bias
+    np.testing.assert_allclose(on_one_hot.numpy(), ridge.predict(held_out), atol=1e-5)
     assert np.mean(np.abs(ridge.predict(held_out) - true_acc)) < 0.25 * np.mean(np.abs(true_acc - acc.mean()))
     assert spearmanr(ridge.predict(held_out), true_acc).statistic > 0.9
 
