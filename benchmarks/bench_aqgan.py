@@ -21,7 +21,7 @@ and (2) about two orders of magnitude lower search cost per design point. Protoc
    scatter, covering the accuracy range) and from a *uniform* pool (each entry uniform
    in 1..8: the first, straw-man version; surrogate only).
 3. **Cost per design point.** A new design point = (target, budget on some hardware);
-   targets p50, p90 and the best of the history. ``generate`` evaluates its policies
+   targets p50 and p90 of the history. ``generate`` evaluates its policies
    (highest predicted first) until one reaches the target (val_acc >= target -
    ``REACH_TOL``); a fresh ``tpe`` search under that budget counts trials until one
    does (cap). Totals over all design points, with the history search charged once:
@@ -325,7 +325,9 @@ def surrogate_part(quick: bool, seeds=None) -> None:
         print(f"\nseed {seed}: history search {time.perf_counter() - t0:.1f} s, best {max(hist_a):.4f}, "
               f"optimum {sur_a.optimum()[1]:.4f}")
         target_error(f"surrogate seed {seed}", problem, searcher, evaluate_a, hist_p, hist_a, seed)
-        targets = [float(np.percentile(hist_a, q)) for q in (50, 90)] + [max(hist_a)]
+        # p50 and p90: the best of the history was reached by neither method under any
+        # other budget in a first run (8 of 18 points), at 300 tpe trials each.
+        targets = [float(np.percentile(hist_a, q)) for q in (50, 90)]
         points = []
         for hw, text in SURROGATE_DESIGN_BUDGETS:
             budget_b = Budget.parse(text)
@@ -350,16 +352,19 @@ def surrogate_part(quick: bool, seeds=None) -> None:
                               tpe_seeds=range(1 if quick else SURROGATE_TPE_SEEDS), history_trials=HISTORY_TRIALS)
 
 
-def demo_part(quick: bool, experiment: str, tracking_uri: str | None, per_target: int) -> None:
+def demo_part(quick: bool, experiment: str, tracking_uri: str | None, per_target: int,
+              cache_file: str | None = None) -> None:
     """The demo, on the generator of the newest ``aqgan`` search in ``experiment`` (run the
     acceptance search first, from the same directory: its reference model is reused)."""
     import dataclasses
+    import json
     import tempfile
 
-    from orchestrator.config import SearchConfig
+    from orchestrator.config import SearchConfig, atomic_write_text
     from orchestrator.search import CONFIG_FILE, SearchPlan, build_reference, prepare
     from orchestrator.searchers.aqgan import GENERATOR_FILE, load_generator
     from orchestrator.tracking import download_search_artifacts, resolve_tracking_uri
+    from search_spaces import parse_policy
     from trainables.trial import finetune_policy
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -377,6 +382,11 @@ def demo_part(quick: bool, experiment: str, tracking_uri: str | None, per_target
     # and accuracy does not depend on the hardware: one cache serves every budget.
     cache: dict[bytes, float] = {}
     counter = {"evals": 0, "seconds": 0.0}
+    # Real fine-tunes survive an interrupted run: ``--cache FILE`` keeps them per search id.
+    stored = json.loads(Path(cache_file).read_text()) if cache_file and Path(cache_file).exists() else {}
+    stored.setdefault(source["search_id"], {})
+    for text, acc in stored[source["search_id"]].items():
+        cache[parse_policy(text).astype(np.int8).tobytes()] = acc
 
     def evaluator(ctx):
         def evaluate(policy):
@@ -387,6 +397,9 @@ def demo_part(quick: bool, experiment: str, tracking_uri: str | None, per_target
                 cache[key] = float(finetune_policy(ctx, projected)[3])
                 counter["evals"] += 1
                 counter["seconds"] += time.perf_counter() - t0
+                if cache_file:
+                    stored[source["search_id"]][format_policy(projected)] = cache[key]
+                    atomic_write_text(Path(cache_file), json.dumps(stored))
             return projected, cache[key]
         return evaluate
 
@@ -462,6 +475,8 @@ def main(argv=None) -> None:
     parser.add_argument("--tracking-uri", help="demo: MLflow store (default sqlite:///mlflow.db)")
     parser.add_argument("--seeds", type=lambda t: [int(x) for x in t.split(",")],
                         help="surrogate: these seeds (default 0,1,2; --quick: 0)")
+    parser.add_argument("--cache", help="demo: JSON file of real fine-tunes (policy -> val_acc per search id), "
+                        "read and extended: an interrupted run resumes")
     parser.add_argument("--per-target", type=int, default=PER_TARGET, help="policies per target")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
@@ -473,7 +488,7 @@ def main(argv=None) -> None:
     if args.part in ("surrogate", "all"):
         surrogate_part(args.quick, args.seeds)
     if args.part in ("demo", "all"):
-        demo_part(args.quick, args.experiment, args.tracking_uri, args.per_target)
+        demo_part(args.quick, args.experiment, args.tracking_uri, args.per_target, args.cache)
 
 
 if __name__ == "__main__":
