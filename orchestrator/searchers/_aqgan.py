@@ -25,8 +25,9 @@ The paper's internals are not public. What is here, and why:
   labels would teach it the generator's mistakes.
 - **Losses.** Hinge (default; ``loss="wgan-gp"`` adds a gradient penalty on one-hot
   interpolates instead) for the adversarial part, the regression head's MSE on real
-  data, and for the generator a *consistency* term: MSE between its target and the
-  regression head's prediction for what it generated. Targets for fakes are drawn
+  data, and for the generator a *consistency* term: MSE between its target and a
+  predictor's estimate for what it generated (the ridge below by default, see
+  "Consistency judge"). Targets for fakes are drawn
   from the data's own quantiles plus a small jitter, so the condition the generator
   sees matches the distribution it is trained to reproduce.
 - **Selection predictor** (``predict``): generate-and-select ranks candidates by a ridge
@@ -38,8 +39,9 @@ The paper's internals are not public. What is here, and why:
   experiment.
   The head is trained jointly with an adversarial objective on a few dozen points and
   over-predicts policies unlike its data; a linear model on one-hot bits is what
-  accuracy mostly is (per-layer sensitivities add up). The head still drives the
-  generator's consistency term. The ridge is a deterministic function of the data,
+  accuracy mostly is (per-layer sensitivities add up). The head stays part of the
+  discriminator (ACGAN-style); it no longer judges anything by default. The ridge is a
+  deterministic function of the data,
   so checkpoints and exports carry the data, not its weights.
 - **Consistency judge** (``consistency="ridge"``, default): the generator's consistency
   term compares its target with the *ridge's* prediction of its (straight-through)
