@@ -385,7 +385,7 @@ def generate_policies(model: AQGAN, problem: SearchProblem, target_acc: float, n
     model's selection predictor (``AQGAN.predict``: the ridge); the ``num`` predicted
     closest to the target (ties: cheapest first). ``spread`` widens the sampled
     conditions (``AQGAN.generate``; 0 by default: 0.1 and 0.25 changed the surrogate's
-    target error by less than 0.05 points).
+    target error by at most 0.05 points).
     ``measured`` = (policies ``[M, L, 2]``, val_acc ``[M]``) already evaluated (the
     generator's training data): a candidate among them is scored by its measured
     accuracy instead of the estimate (trials are deterministic per policy).
