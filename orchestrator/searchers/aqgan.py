@@ -21,7 +21,7 @@ and their training are in ``_aqgan.py``; this module maps them onto a search:
 - **Suggest.** Target = ``target_acc`` if given, else best seen + ``margin``.
   ``num_candidates`` policies are generated at the target, deduplicated, projected to
   the budget (``problem.project``, the rule every searcher goes through), re-scored
-  by the selection predictor (ridge on one-hot bits, refitted on all data after every
+  by the selection predictor (ridge on the bits, refitted on all data after every
   completed trial; see ``_aqgan.py``: the projection changed some of them), and
   the cheapest (``cost_metric``) unseen one predicted at or above the target is
   proposed; when none is, the unseen one with the highest predicted accuracy. When
