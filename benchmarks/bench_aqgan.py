@@ -9,31 +9,37 @@ and (2) about two orders of magnitude lower search cost per design point. Protoc
 1. **History.** An ``aqgan`` search of ``HISTORY_TRIALS`` trials under budget A (driven
    directly, as Ray Tune would); its final generator is the model under test.
 2. **Target error.** Five targets at the 10/30/50/70/90th percentiles of the history's
-   val_acc; ``PER_TARGET`` policies each, picked by ``generate_policies`` (generate 256,
-   project to the budget, re-score with the regression head, keep those predicted
-   closest to the target) and evaluated for real. Reported: mean |achieved - target|
-   (accuracy points), Spearman(target, achieved) over all pairs, the share of unique
-   policies and of exact copies of training policies. Also "generator only" (the first
-   ``PER_TARGET`` samples, projected, no re-scoring) and the **ridge baseline**: 256
-   random policies (uniform bits, projected), ranked by a ridge regressor on one-hot
-   bits fitted to the same history, the ``PER_TARGET`` predicted closest to the target.
-3. **Cost per design point.** A new design point = (target, budget B on other
-   hardware). ``generate`` evaluates its ranked policies in order until one reaches
-   the target (val_acc >= target - ``REACH_TOL``); a fresh ``tpe`` search under B counts
-   trials until its best does (cap ``TPE_CAP``). Both "marginal" (the generator
-   exists) and "amortized" (the history search spread over ``DESIGN_POINTS`` points).
+   val_acc; ``PER_TARGET`` policies each, picked by ``generate_policies`` (what ``haqtune
+   generate`` does: generate 256, project to the budget, re-score with the ridge
+   predictor, known policies by their measured val_acc, keep those closest to the
+   target) and evaluated for real. Reported: mean |achieved - target| (accuracy points),
+   Spearman(target, achieved) over all pairs, the share of unique policies and of exact
+   copies of training policies. Comparison rows: the same pool re-scored by the
+   discriminator's regression head (the first design), the generator alone (first
+   samples, projected), and the **ridge baseline** without a GAN: 256 random policies
+   ranked by the same ridge predictor, from a *diverse* pool (random level per policy +
+   scatter, covering the accuracy range) and from a *uniform* pool (each entry uniform
+   in 1..8: the first, straw-man version; surrogate only).
+3. **Cost per design point.** A new design point = (target, budget on some hardware);
+   targets p50 and p90 of the history. ``generate`` evaluates its policies
+   (highest predicted first) until one reaches the target (val_acc >= target -
+   ``REACH_TOL``); a fresh ``tpe`` search under that budget counts trials until one
+   does (cap). Totals over all design points, with the history search charged once:
+   amortized ratio = sum(tpe) / (history trials + sum(generate)); see
+   ``cost_per_design_point`` for failures and caps.
 4. **Speed.** 256 candidates generated + projected (+ re-scored), one thread, median of
    repeats, for the 12-layer demo net and MobileNetV2 (53 layers).
+5. **Noise floor** (demo): the same policies fine-tuned with other seeds.
 
 Surrogate: ``SurrogateObjective`` (seeded additive penalties; deterministic) on
-MobileNetV2 priced by bismo-cloud, history under latency=0.5, new design points on
-bismo-edge latency=0.5. Demo: the real trial (``finetune_policy``: quantize, 2-epoch
-fine-tune on digits, val split) in-process; the history and the generator are those of
-the newest ``aqgan`` search in ``--experiment`` (the acceptance search: ``haqtune search
---searcher aqgan --num-trials 40 --hardware bitfusion --budget energy=0.5``, run from the
-same directory so its cached reference model is reused), new design points on
-bismo-edge latency=0.5. Real fine-tunes are slow on a shared CPU: ``--per-target``
-lowers the policies per target.
+MobileNetV2 priced by bismo-cloud, history under latency=0.5, new design points in
+``SURROGATE_DESIGN_BUDGETS``. Demo: the real trial (``finetune_policy``: quantize,
+2-epoch fine-tune on digits, val split) in-process; the history and the generator are
+those of the newest ``aqgan`` search in ``--experiment`` (the acceptance search:
+``haqtune search --searcher aqgan --num-trials 40 --hardware bitfusion --budget
+energy=0.5``, run from the same directory so its cached reference model is reused),
+new design points in ``DEMO_DESIGN_BUDGETS``. Real fine-tunes are slow on a shared
+CPU: ``--per-target`` lowers the policies per target.
 """
 
 from __future__ import annotations
@@ -50,6 +56,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import hardware  # noqa: E402
 from orchestrator.searchers import SearchProblem, make_searcher  # noqa: E402
+from orchestrator.searchers._aqgan import RidgePredictor  # noqa: E402
 from orchestrator.searchers.aqgan import generate_policies, project_many  # noqa: E402
 from search_spaces import Budget, SurrogateObjective, format_policy  # noqa: E402
 from search_spaces import metrics as M  # noqa: E402
@@ -61,9 +68,22 @@ PER_TARGET = 20
 POOL = 256
 REACH_TOL = 0.005  # half an accuracy point
 TPE_CAP = 300
-DEMO_TPE_CAP = 100  # a real fine-tune per trial
-DESIGN_POINTS = 10
+DEMO_TPE_CAP = 60  # a real fine-tune per trial
+DEMO_REACH_TRIES = 10
+DEMO_DESIGN_BUDGETS = (("bismo-edge", "latency=0.5"), ("bismo-cloud", "latency=0.5"))
+NOISE_SEEDS = 3
+# Real fine-tunes are expensive: the demo leaves out the generator-only and uniform-pool rows.
+ALL_METHODS = ("generate", "head", "generator-only", "ridge-diverse", "ridge-uniform")
+DEMO_METHODS = ("generate", "head", "ridge-diverse")
 PERCENT = 100.0
+SPREAD = 0.0  # generate_policies' condition spread (quantile) in the target-error protocol
+WARMUP_SPREAD_BITS = 1.5  # the searcher's default warmup_spread
+# New design points for the surrogate's generator (history: bismo-cloud latency=0.5):
+# other hardware, other metrics, a tighter limit.
+SURROGATE_DESIGN_BUDGETS = (("bismo-edge", "latency=0.5"), ("bismo-edge", "energy=0.5"),
+                            ("bitfusion", "energy=0.5"), ("bismo-cloud", "energy=0.5"),
+                            ("bismo-cloud", "latency=0.4"), ("bismo-cloud", "latency=0.6"))
+SURROGATE_TPE_SEEDS = 1  # a 300-trial tpe run per design point and seed: minutes on the shared VM
 
 
 def layers_of(model: str, input_size: int | None = None, **kwargs):
@@ -96,54 +116,77 @@ def spearman(x, y) -> float:
     return float(spearmanr(x, y).statistic)
 
 
-def ridge_baseline(problem: SearchProblem, history_p, history_a, targets, rng, per_target: int) -> list[np.ndarray]:
-    from sklearn.linear_model import Ridge
-
+def diverse_pool(problem: SearchProblem, rng, size: int) -> np.ndarray:
+    """``size`` random policies spread over the accuracy range, projected to the budget: each
+    at a random level (uniform over the bit range) with per-entry scatter (the searcher's
+    warm-up recipe). Uniform random bits instead (each entry 1..8) put a 1-2-bit layer in
+    almost every policy: after projection they all sit in one collapsed accuracy band that
+    no ranking can steer out of, which made the first version of this baseline a straw man."""
     lo, hi = problem.min_bits, problem.max_bits
-    k = hi - lo + 1
+    level = rng.uniform(lo - 0.5, hi + 0.5, size=(size, 1, 1))
+    bits = level + WARMUP_SPREAD_BITS * rng.standard_normal((size, problem.num_layers, 2))
+    return project_many(problem, np.clip(np.rint(bits), lo, hi).astype(np.int64))
 
-    def onehot(p):
-        p = np.asarray(p) - lo
-        return np.eye(k)[p].reshape(len(p), -1)
 
-    reg = Ridge(alpha=1.0).fit(onehot(np.stack(history_p)), np.array(history_a))
+def ridge_baseline(problem: SearchProblem, history_p, history_a, targets, rng, per_target: int, *,
+                   pool_kind: str) -> list[np.ndarray]:
+    """No GAN: a random pool ranked by the same ridge predictor ``generate`` uses (fitted to
+    the same history, penalty by leave-one-out), the ``per_target`` closest to each target."""
+    reg = RidgePredictor(policies=np.stack(history_p), accs=np.array(history_a), min_bits=problem.min_bits,
+                         max_bits=problem.max_bits)
     out = []
     for target in targets:
-        pool = rng.integers(lo, hi + 1, size=(POOL, problem.num_layers, 2))
-        pool = project_many(problem, pool)
-        pred = reg.predict(onehot(pool))
+        if pool_kind == "uniform":
+            pool = project_many(problem, rng.integers(problem.min_bits, problem.max_bits + 1,
+                                                      size=(POOL, problem.num_layers, 2)))
+        else:
+            pool = diverse_pool(problem, rng, POOL)
+        pred = reg.predict(pool)
         out.append(pool[np.argsort(np.abs(pred - target), kind="stable")[:per_target]])
     return out
 
 
+def head_ranked(model, problem: SearchProblem, target: float, per_target: int, spread: float) -> np.ndarray:
+    """The first design's selection: the same pool, ranked by the discriminator's regression head."""
+    raw = np.unique(model.generate(POOL, target, spread=spread), axis=0)
+    projected = project_many(problem, raw)
+    pred = model.head_predict(projected)
+    return projected[np.argsort(np.abs(pred - target), kind="stable")[:per_target]]
+
+
 def target_error(name: str, problem: SearchProblem, searcher, evaluate, history_p, history_a, seed: int, *,
-                 per_target: int = PER_TARGET) -> dict:
+                 per_target: int = PER_TARGET, spread: float = SPREAD, methods=ALL_METHODS) -> dict:
     """Step 2 of the protocol; prints the table rows and returns the summary numbers."""
     accs = np.array(history_a)
     targets = [float(np.percentile(accs, q)) for q in PERCENTILES]
     train_keys = {p.astype(np.int8).tobytes() for p in history_p}
     model = searcher.model
-    model.torch_rng.manual_seed(seed)
-    methods = {
-        "aqgan (generate + project + re-score)": [
-            np.stack([r["policy"] for r in generate_policies(model, problem, t, per_target, pool=POOL)])
-            for t in targets],
-        "aqgan, measured accuracy for known policies": [
-            np.stack([r["policy"] for r in generate_policies(
-                model, problem, t, per_target, pool=POOL, measured=(np.stack(history_p), np.array(history_a)))])
-            for t in targets],
-        "aqgan generator only (first samples, projected)": [
-            np.stack([problem.project(p) for p in model.generate(per_target, t)]) for t in targets],
-        "ridge on one-hot bits (random pool)": ridge_baseline(
-            problem, history_p, history_a, targets, np.random.default_rng(seed), per_target),
-    }
+    measured = (np.stack(history_p), np.array(history_a))
+    groups_of = {}
+
+    def method(key, label, make):
+        if key in methods:
+            model.torch_rng.manual_seed(seed)  # every method draws the same samples from the generator
+            groups_of[label] = make()
+
+    method("generate", "aqgan: `haqtune generate` (generate, project, ridge re-score, known policies measured)",
+           lambda: [np.stack([r["policy"] for r in generate_policies(
+               model, problem, t, per_target, pool=POOL, measured=measured, spread=spread)]) for t in targets])
+    method("head", "aqgan, re-scored by the discriminator's head (first design)",
+           lambda: [head_ranked(model, problem, t, per_target, spread=0.0) for t in targets])
+    method("generator-only", "aqgan generator only (first samples, projected)",
+           lambda: [np.stack([problem.project(p) for p in model.generate(per_target, t)]) for t in targets])
+    for kind in ("diverse", "uniform"):
+        method(f"ridge-{kind}", f"ridge baseline: {POOL} random policies ({kind} pool), same ridge",
+               lambda kind=kind: ridge_baseline(problem, history_p, history_a, targets,
+                                                np.random.default_rng(seed), per_target, pool_kind=kind))
     print(f"\n#### {name}: target error ({len(history_p)}-trial aqgan history, val_acc "
           f"{accs.min():.4f}..{accs.max():.4f}; targets = percentiles {PERCENTILES} = "
           + ", ".join(f"{t:.4f}" for t in targets) + f"; {per_target} policies each)\n")
     print("| method | mean abs(achieved - target) (pp) | per target (pp) | Spearman | unique | copies of training |")
     print("|---|---:|---|---:|---:|---:|")
     out = {}
-    for label, groups in methods.items():
+    for label, groups in groups_of.items():
         achieved = [np.array([evaluate(p)[1] for p in g]) for g in groups]
         errs = [np.abs(a - t) * PERCENT for a, t in zip(achieved, targets, strict=True)]
         flat = np.concatenate(groups)
@@ -158,38 +201,90 @@ def target_error(name: str, problem: SearchProblem, searcher, evaluate, history_
     return out
 
 
-def cost_per_design_point(name: str, model, problem_b: SearchProblem, evaluate_b, targets, *,
-                          tpe_seeds, history_trials: int, tpe_cap: int = TPE_CAP) -> None:
-    print(f"\n#### {name}: real evaluations per new design point (budget {problem_b.budget}, "
-          f"reached = val_acc >= target - {REACH_TOL * PERCENT:g} pp)\n")
-    print("| target | generate: evaluations | tpe: trials (per seed) | tpe / generate (marginal) "
-          f"| tpe / generate (amortized over {DESIGN_POINTS} points) |")
-    print("|---:|---:|---|---:|---:|")
-    for target in targets:
-        rows = generate_policies(model, problem_b, target, min(PER_TARGET, POOL), pool=POOL)
-        gen_evals = None
-        for i, row in enumerate(rows, 1):
-            if evaluate_b(row["policy"])[1] >= target - REACH_TOL:
-                gen_evals = i
-                break
-        tpe_counts = []
-        for s in tpe_seeds:
-            problem = SearchProblem(layers=problem_b.layers, table=problem_b.table, budget=problem_b.budget,
-                                    min_bits=problem_b.min_bits, max_bits=problem_b.max_bits, seed=s,
-                                    num_trials=tpe_cap)
-            _, accs = drive(make_searcher("tpe", problem), evaluate_b, tpe_cap, stop_at=target - REACH_TOL)
-            reached = len(accs) if accs and accs[-1] >= target - REACH_TOL else None
-            tpe_counts.append(reached)
-        ok = [c for c in tpe_counts if c is not None]
-        tpe_mean = np.mean([c if c is not None else tpe_cap for c in tpe_counts])
-        shown = ", ".join(str(c) if c is not None else f">{tpe_cap}" for c in tpe_counts)
-        if gen_evals is None:
-            print(f"| {target:.4f} | not reached in {len(rows)} | {shown} | - | - |", flush=True)
-            continue
-        amortized = gen_evals + history_trials / DESIGN_POINTS
-        bound = "" if len(ok) == len(tpe_counts) else ">="
-        print(f"| {target:.4f} | {gen_evals} | {shown} | {bound}{tpe_mean / gen_evals:.0f}x "
-              f"| {bound}{tpe_mean / amortized:.1f}x |", flush=True)
+def generate_reach(model, problem_b: SearchProblem, evaluate_b, target: float, measured,
+                   tries: int) -> tuple[int | None, bool]:
+    """(real evaluations ``generate`` needs to reach ``target`` under ``problem_b``'s budget,
+    whether the policy that reached it is a copy of a history policy): its ``tries``
+    policies (closest predicted to the target), evaluated highest predicted first, until
+    one reaches it (None: none of them did). Every evaluated policy counts, even one the
+    history had measured (conservative)."""
+    rows = generate_policies(model, problem_b, target, tries, pool=POOL, measured=measured)
+    rows.sort(key=lambda r: -r["predicted"])
+    for i, row in enumerate(rows, 1):
+        if evaluate_b(row["policy"])[1] >= target - REACH_TOL:
+            return i, row["measured"]
+    return None, False
+
+
+def tpe_reach(problem_b: SearchProblem, evaluate_b, target: float, seed: int, cap: int) -> int | None:
+    """Trials a fresh ``tpe`` search under ``problem_b``'s budget needs to reach ``target`` (None: not in ``cap``)."""
+    problem = SearchProblem(layers=problem_b.layers, table=problem_b.table, budget=problem_b.budget,
+                            min_bits=problem_b.min_bits, max_bits=problem_b.max_bits, seed=seed, num_trials=cap)
+    _, accs = drive(make_searcher("tpe", problem), evaluate_b, cap, stop_at=target - REACH_TOL)
+    return len(accs) if accs and accs[-1] >= target - REACH_TOL else None
+
+
+def cost_per_design_point(name: str, model, points, *, measured, tpe_seeds, history_trials: int,
+                          tpe_cap: int = TPE_CAP, tries: int = PER_TARGET) -> dict:
+    """Step 3 of the protocol over design points ``points`` = [(label, problem_b, evaluate_b,
+    targets)]: per point, ``generate``'s and a fresh tpe search's real evaluations to reach
+    it; then the totals over every point both can be compared on.
+
+    Accounting (what the ratios mean): the generator costs its history search
+    (``history_trials`` evaluations) once, plus ``generate``'s evaluations per point. A
+    point ``generate`` does not reach in ``tries`` costs those ``tries`` plus a fresh
+    search (the user falls back to one). tpe not reaching a point in ``tpe_cap`` trials
+    counts ``tpe_cap`` (so the ratio is then a lower bound, marked >=). A point neither
+    reaches is left out of the totals (likely unreachable under that budget) and listed.
+    amortized ratio = sum(tpe) / (history_trials + sum(generate)); marginal = sum(tpe) / sum(generate).
+    """
+    print(f"\n#### {name}: real evaluations per new design point (reached = val_acc >= target - "
+          f"{REACH_TOL * PERCENT:g} pp; generate: up to {tries} policies, highest predicted first; fresh tpe: "
+          f"cap {tpe_cap} trials, seeds {list(tpe_seeds)})\n")
+    print("| hardware, budget | target | generate: evaluations | fresh tpe: trials (per seed) |")
+    print("|---|---:|---:|---|")
+    gen_total = tpe_total = all_gen = all_tpe = 0.0
+    counted, skipped, lower_bound, gen_failed, copies = 0, [], False, 0, 0
+    for label, problem_b, evaluate_b, targets in points:
+        for target in targets:
+            gen, copy = generate_reach(model, problem_b, evaluate_b, target, measured, tries)
+            copies += copy
+            tpe = [tpe_reach(problem_b, evaluate_b, target, s, tpe_cap) for s in tpe_seeds]
+            shown = ", ".join(str(c) if c is not None else f">{tpe_cap}" for c in tpe)
+            gen_shown = f"not reached in {tries}" if gen is None else f"{gen}{' (a history policy)' if copy else ''}"
+            print(f"| {label} | {target:.4f} | {gen_shown} | {shown} |", flush=True)
+            tpe_reached = [c for c in tpe if c is not None]
+            if gen is None and not tpe_reached:
+                skipped.append(f"{label} {target:.4f}")
+                # Charged like the others for the second ratio: generate tries + a capped search.
+                all_tpe += tpe_cap
+                all_gen += tries + tpe_cap
+                continue
+            tpe_mean = float(np.mean([c if c is not None else tpe_cap for c in tpe]))
+            lower_bound |= len(tpe_reached) < len(tpe)
+            counted += 1
+            tpe_total += tpe_mean
+            if gen is None:
+                gen_failed += 1
+                gen_total += tries + tpe_mean
+            else:
+                gen_total += gen
+    all_tpe, all_gen = all_tpe + tpe_total, all_gen + gen_total
+    amortized = tpe_total / (history_trials + gen_total) if counted else float("nan")
+    marginal = tpe_total / gen_total if gen_total else float("nan")
+    bound = ">=" if lower_bound else ""
+    print(f"\n{name}: {counted} design points counted ({gen_failed} not reached by generate, charged "
+          f"{tries} + a fresh search); {len(skipped)} reached by neither, left out"
+          + (f" ({'; '.join(skipped)})" if skipped else "") + ".")
+    print(f"{name}: fresh tpe {tpe_total:.0f} trials in total; generate {gen_total:.0f} evaluations + "
+          f"{history_trials} for the history search; amortized ratio {bound}{amortized:.1f}x "
+          f"(per design point: tpe {tpe_total / max(counted, 1):.1f} vs generate "
+          f"{(history_trials + gen_total) / max(counted, 1):.1f}); marginal {bound}{marginal:.1f}x; "
+          f"{copies} reached by a policy of the history", flush=True)
+    if skipped:
+        print(f"{name}: with the points reached by neither charged too (generate {tries} + {tpe_cap}, tpe "
+              f"{tpe_cap}): amortized {all_tpe / (history_trials + all_gen):.1f}x", flush=True)
+    return {"amortized": amortized, "marginal": marginal, "counted": counted}
 
 
 def speed() -> None:
@@ -219,24 +314,18 @@ def speed() -> None:
         print(f"| {label} on {hw} | {len(layers)} | {med[0]:.1f} | {med[1]:.1f} | {med[2]:.1f} | {med[3]:.1f} |")
 
 
-def surrogate_part(quick: bool) -> None:
+def surrogate_part(quick: bool, seeds=None) -> None:
     layers = layers_of("mobilenet_v2", 224)
     table_a = hardware.get_cost_model("bismo-cloud").table(layers)
-    table_b = hardware.get_cost_model("bismo-edge").table(layers)
     budget = Budget("latency_ms", 0.5, relative=True)
-    seeds = range(1 if quick else 3)
-    print(f"\n### Surrogate: MobileNetV2 ({len(layers)} layers); history on bismo-cloud {budget}; "
-          f"new design points on bismo-edge {budget}")
+    seeds = (range(1 if quick else 3)) if seeds is None else seeds
+    tables = {hw: hardware.get_cost_model(hw).table(layers) for hw in {hw for hw, _ in SURROGATE_DESIGN_BUDGETS}}
+    print(f"\n### Surrogate: MobileNetV2 ({len(layers)} layers); history on bismo-cloud {budget}; new design "
+          "points: " + ", ".join(f"{hw} {b}" for hw, b in SURROGATE_DESIGN_BUDGETS))
     for seed in seeds:
         sur_a = SurrogateObjective(layers, table_a, budget, seed=seed)
-        sur_b = SurrogateObjective(layers, table_b, budget, seed=seed)
-        sur_b.penalty = sur_a.penalty  # the same network: accuracy does not depend on the hardware
 
         def evaluate_a(p, sur=sur_a):
-            projected = sur.project(p)
-            return projected, float(sur.accuracy(projected)[0])
-
-        def evaluate_b(p, sur=sur_b):
             projected = sur.project(p)
             return projected, float(sur.accuracy(projected)[0])
 
@@ -247,24 +336,46 @@ def surrogate_part(quick: bool) -> None:
         print(f"\nseed {seed}: history search {time.perf_counter() - t0:.1f} s, best {max(hist_a):.4f}, "
               f"optimum {sur_a.optimum()[1]:.4f}")
         target_error(f"surrogate seed {seed}", problem, searcher, evaluate_a, hist_p, hist_a, seed)
-        problem_b = SearchProblem(layers=layers, table=table_b, budget=budget, seed=seed)
-        targets = [float(np.percentile(hist_a, q)) for q in (50, 90)] + [max(hist_a)]
-        cost_per_design_point(f"surrogate seed {seed}", searcher.model, problem_b, evaluate_b, targets,
-                              tpe_seeds=range(1 if quick else 3), history_trials=HISTORY_TRIALS)
+        # p50 and p90: the best of the history was reached by neither method under any
+        # other budget in a first run (8 of 18 points), at 300 tpe trials each.
+        targets = [float(np.percentile(hist_a, q)) for q in (50, 90)]
+        points = []
+        for hw, text in SURROGATE_DESIGN_BUDGETS:
+            budget_b = Budget.parse(text)
+            # The same network and seed: the same per-layer penalties (accuracy does not
+            # depend on the hardware); only the feasible set changes.
+            sur_b = SurrogateObjective(layers, tables[hw], budget_b, seed=seed)
+            optimum_b = sur_b.optimum()[1]
+            reachable = [t for t in targets if t - REACH_TOL <= optimum_b]
+            if len(reachable) < len(targets):
+                print(f"({hw} {text}: optimum {optimum_b:.4f}; targets above it left out: "
+                      + ", ".join(f"{t:.4f}" for t in targets if t not in reachable) + ")")
+
+            def evaluate_b(p, sur=sur_b):
+                projected = sur.project(p)
+                return projected, float(sur.accuracy(projected)[0])
+
+            problem_b = SearchProblem(layers=layers, table=tables[hw], budget=budget_b, seed=seed,
+                                      cost_metric=budget_b.metric)
+            points.append((f"{hw} {text}", problem_b, evaluate_b, reachable))
+        cost_per_design_point(f"surrogate seed {seed}", searcher.model, points,
+                              measured=(np.stack(hist_p), np.array(hist_a)),
+                              tpe_seeds=range(1 if quick else SURROGATE_TPE_SEEDS), history_trials=HISTORY_TRIALS)
 
 
-def demo_part(quick: bool, experiment: str, tracking_uri: str | None, per_target: int) -> None:
+def demo_part(quick: bool, experiment: str, tracking_uri: str | None, per_target: int,
+              cache_file: str | None = None) -> None:
     """The demo, on the generator of the newest ``aqgan`` search in ``experiment`` (run the
     acceptance search first, from the same directory: its reference model is reused)."""
+    import dataclasses
+    import json
     import tempfile
 
-    from orchestrator.config import SearchConfig
-    from orchestrator.search import CACHE_DIR, CONFIG_FILE, prepare
+    from orchestrator.config import SearchConfig, atomic_write_text
+    from orchestrator.search import CONFIG_FILE, SearchPlan, build_reference, prepare
     from orchestrator.searchers.aqgan import GENERATOR_FILE, load_generator
     from orchestrator.tracking import download_search_artifacts, resolve_tracking_uri
-    from trainables import TrialContext
-    from trainables.data import load_dataset
-    from trainables.training import pick_device, reference_key, train_reference
+    from search_spaces import parse_policy
     from trainables.trial import finetune_policy
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -273,26 +384,24 @@ def demo_part(quick: bool, experiment: str, tracking_uri: str | None, per_target
         model, exported = load_generator(source["files"][GENERATOR_FILE])
         base = SearchConfig.from_yaml(source["files"][CONFIG_FILE])
     prepared_a = prepare(base)
-    prepared_b = prepare(base.replace(hardware="bismo-edge", hardware_options={}, batch=None,
-                                      budget="latency=0.5"))
-    data = load_dataset(base.dataset, root=base.data_root)
-    state, ref_acc, _ = train_reference(
-        lambda: build_model(base.model, seed=base.seed, **prepared_a.model_kwargs).model, data,
-        base.reference, seed=base.seed, cache_dir=Path(base.storage_dir) / CACHE_DIR,
-        key=reference_key(model=base.model, dataset=base.dataset, **prepared_a.model_kwargs),
-        device=pick_device(0))
-    contexts = {}
-    for key, prepared in (("a", prepared_a), ("b", prepared_b)):
-        cfg = prepared.config
-        contexts[key] = TrialContext(
-            model=cfg.model, dataset=cfg.dataset, model_kwargs=prepared.model_kwargs, input_size=None,
-            layer_names=tuple(s.name for s in prepared.layers), reference_state=state, ref_acc=ref_acc,
-            table=prepared.table, budget=cfg.budget, finetune=cfg.finetune, seed=cfg.seed,
-            min_bits=cfg.min_bits, max_bits=cfg.max_bits, data_root=cfg.resolved(tracking_uri="").data_root)
+    # The search pipeline's own reference step (the search's cached reference model, the
+    # same TrialContext its trials ran with); the plan is only a path to that cache.
+    plan = SearchPlan(base, source["search_id"], Path(base.storage_dir) / source["search_id"], resumed=False)
+    import ray
+
+    # A fresh local Ray for the reference task (a bare ray.init() could join another cluster).
+    ray.init(address="local", include_dashboard=False, log_to_driver=False)
+    context_a = build_reference(plan, prepared_a, print)
+    ref_acc = context_a.ref_acc
     # A trial is deterministic per projected policy (its fine-tune seed is the policy's hash),
-    # and accuracy does not depend on the hardware: one cache serves both budgets.
+    # and accuracy does not depend on the hardware: one cache serves every budget.
     cache: dict[bytes, float] = {}
     counter = {"evals": 0, "seconds": 0.0}
+    # Real fine-tunes survive an interrupted run: ``--cache FILE`` keeps them per search id.
+    stored = json.loads(Path(cache_file).read_text()) if cache_file and Path(cache_file).exists() else {}
+    stored.setdefault(source["search_id"], {})
+    for text, acc in stored[source["search_id"]].items():
+        cache[parse_policy(text).astype(np.int8).tobytes()] = acc
 
     def evaluator(ctx):
         def evaluate(policy):
@@ -303,30 +412,74 @@ def demo_part(quick: bool, experiment: str, tracking_uri: str | None, per_target
                 cache[key] = float(finetune_policy(ctx, projected)[3])
                 counter["evals"] += 1
                 counter["seconds"] += time.perf_counter() - t0
+                if cache_file:
+                    stored[source["search_id"]][format_policy(projected)] = cache[key]
+                    atomic_write_text(Path(cache_file), json.dumps(stored))
             return projected, cache[key]
         return evaluate
 
-    evaluate_a, evaluate_b = evaluator(contexts["a"]), evaluator(contexts["b"])
+    evaluate_a = evaluator(context_a)
     hist_p = list(exported["policies"].numpy())
     hist_a = [float(a) for a in exported["accs"].numpy()]
     for p, a in zip(hist_p, hist_a, strict=True):
         cache[p.astype(np.int8).tobytes()] = a
     layers = prepared_a.layers
     problem = SearchProblem(layers=layers, table=prepared_a.table, budget=base.budget, seed=base.seed,
-                            min_bits=model.min_bits, max_bits=model.max_bits,
+                            min_bits=model.min_bits, max_bits=model.max_bits, allowed=prepared_a.allowed,
                             cost_metric=base.budget.metric)
     print(f"\n### Demo: DemoNet ({len(layers)} layers) on digits, reference val_acc {ref_acc:.4f}; generator of "
           f"search {source['search_id']} ({base.hardware} {base.budget}, {len(hist_a)} trials, best "
-          f"{max(hist_a):.4f}); new design points on bismo-edge latency=0.5")
+          f"{max(hist_a):.4f})")
+    noise_floor(context_a, hist_p, hist_a, finetune_policy)
     holder = type("Holder", (), {"model": model})()
-    target_error("demo", problem, holder, evaluate_a, hist_p, hist_a, base.seed, per_target=per_target)
-    problem_b = SearchProblem(layers=layers, table=prepared_b.table, budget=prepared_b.config.budget,
-                              seed=base.seed, min_bits=model.min_bits, max_bits=model.max_bits,
-                              cost_metric=M.LATENCY_MS)
+    target_error("demo", problem, holder, evaluate_a, hist_p, hist_a, base.seed, per_target=per_target,
+                 methods=DEMO_METHODS)
+    print(f"\n(demo target error: {counter['evals']} real fine-tunes so far, {counter['seconds']:.0f} s)")
     targets = [float(np.percentile(hist_a, q)) for q in ((90,) if quick else (50, 90))]
-    cost_per_design_point("demo", model, problem_b, evaluate_b, targets, tpe_seeds=range(1),
-                          history_trials=len(hist_a), tpe_cap=DEMO_TPE_CAP)
+    points = []
+    for hw, text in DEMO_DESIGN_BUDGETS:
+        prepared_b = prepare(base.replace(hardware=hw, hardware_options={}, batch=None, budget=text))
+        context_b = dataclasses.replace(context_a, table=prepared_b.table, budget=prepared_b.config.budget,
+                                        allowed=prepared_b.allowed)
+        problem_b = SearchProblem(layers=layers, table=prepared_b.table, budget=prepared_b.config.budget,
+                                  seed=base.seed, min_bits=model.min_bits, max_bits=model.max_bits,
+                                  allowed=prepared_b.allowed, cost_metric=prepared_b.config.budget.metric)
+        points.append((f"{hw} {text}", problem_b, evaluator(context_b), targets))
+    cost_per_design_point("demo", model, points, measured=(np.stack(hist_p), np.array(hist_a)),
+                          tpe_seeds=range(1), history_trials=len(hist_a), tpe_cap=DEMO_TPE_CAP,
+                          tries=DEMO_REACH_TRIES)
     print(f"\n(demo: {counter['evals']} real fine-tunes, {counter['seconds']:.0f} s)")
+
+
+def noise_floor(context, hist_p, hist_a, finetune_policy) -> None:
+    """Irreducible target error on the demo: the same policy fine-tuned with other seeds (a
+    trial's seed is fixed per policy, so repeats are identical; its *seed* is the noise no
+    predictor of the policy can know). ``NOISE_POLICIES`` history policies at spread
+    accuracies, each with the search's seed plus ``NOISE_SEEDS`` others."""
+    import dataclasses
+
+    accs = np.array(hist_a)
+    picks = sorted({int(np.argmin(np.abs(accs - np.percentile(accs, q)))) for q in PERCENTILES})
+    print(f"\n#### demo: val_acc noise of one policy across fine-tune seeds (seed {context.seed} = the "
+          f"search's, plus {NOISE_SEEDS} others)\n")
+    print("| policy | val_acc per seed | mean | std (pp) | mean abs dev from its mean (pp) |")
+    print("|---|---|---:|---:|---:|")
+    devs, stds, repeats = [], [], []
+    for i in picks:
+        # Seed 0 is run again too: in-process it must repeat the search's Ray trial exactly.
+        values = np.array([float(finetune_policy(dataclasses.replace(context, seed=context.seed + k),
+                                                 hist_p[i])[3]) for k in range(NOISE_SEEDS + 1)])
+        repeats.append(values[0] == accs[i])
+        dev = np.abs(values - values.mean()) * PERCENT
+        devs.append(dev.mean())
+        stds.append(values.std(ddof=1) * PERCENT)
+        print(f"| {format_policy(hist_p[i])} | " + " / ".join(f"{v:.4f}" for v in values)
+              + f" | {values.mean():.4f} | {stds[-1]:.2f} | {dev.mean():.2f} |", flush=True)
+    print(f"\nthe search's seed re-run in-process repeats the search's val_acc for {sum(repeats)}/{len(repeats)} "
+          "policies")
+    print(f"demo noise floor: mean std {np.mean(stds):.2f} pp; mean abs deviation of one run from its "
+          f"policy's mean {np.mean(devs):.2f} pp (a predictor that knew every policy's mean accuracy "
+          "exactly would still miss a target by about this much on average)", flush=True)
 
 
 def main(argv=None) -> None:
@@ -335,6 +488,10 @@ def main(argv=None) -> None:
     parser.add_argument("--quick", action="store_true", help="one seed: a smoke run")
     parser.add_argument("--experiment", default="haqtune", help="demo: MLflow experiment of the aqgan search")
     parser.add_argument("--tracking-uri", help="demo: MLflow store (default sqlite:///mlflow.db)")
+    parser.add_argument("--seeds", type=lambda t: [int(x) for x in t.split(",")],
+                        help="surrogate: these seeds (default 0,1,2; --quick: 0)")
+    parser.add_argument("--cache", help="demo: JSON file of real fine-tunes (policy -> val_acc per search id), "
+                        "read and extended: an interrupted run resumes")
     parser.add_argument("--per-target", type=int, default=PER_TARGET, help="policies per target")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
@@ -344,9 +501,9 @@ def main(argv=None) -> None:
     if args.part in ("speed", "all"):
         speed()
     if args.part in ("surrogate", "all"):
-        surrogate_part(args.quick)
+        surrogate_part(args.quick, args.seeds)
     if args.part in ("demo", "all"):
-        demo_part(args.quick, args.experiment, args.tracking_uri, args.per_target)
+        demo_part(args.quick, args.experiment, args.tracking_uri, args.per_target, args.cache)
 
 
 if __name__ == "__main__":

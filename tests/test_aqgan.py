@@ -19,7 +19,7 @@ from scipy.stats import spearmanr
 from test_searcher_contract import LAYERS, fake_result, make_problem, run_trials
 
 from orchestrator.searchers import SEARCHER_ARTIFACTS_DIR, SearchProblem, make_searcher
-from orchestrator.searchers._aqgan import AQGAN, AccuracyScale, GANConfig
+from orchestrator.searchers._aqgan import AQGAN, AccuracyScale, GANConfig, RidgePredictor, one_hot
 from orchestrator.searchers.aqgan import (
     GENERATOR_FILE,
     generate_policies,
@@ -49,6 +49,39 @@ def test_accuracy_scale_maps_quantiles_with_ties():
     values = np.array([0.1, 0.5, 0.7, 0.9])
     np.testing.assert_allclose(scale.to_acc(scale.to_unit(values)), values)
     assert np.all(np.diff(scale.to_unit(np.linspace(0, 1, 50))) >= 0)
+
+
+def _additive(n: int, num_layers: int, seed: int):
+    """Policies at random levels; val_acc = 0.9 minus a fixed per-entry penalty that grows as
+    bits drop (what quantization accuracy mostly is), plus a little noise."""
+    rng = np.random.default_rng(seed)
+    pol, _ = _synthetic(n, num_layers, seed)
+    sens = np.random.default_rng(100).lognormal(0, 0.5, size=(num_layers, 2)) * 0.004
+    drop = (sens[None] * (8 - pol) ** 1.5).sum(axis=(1, 2))
+    return pol, 0.9 - drop + rng.normal(0, 0.002, n)
+
+
+def test_ridge_predictor_leave_one_out_is_exact_and_it_learns_additive_accuracy():
+    pol, acc = _additive(30, len(LAYERS), seed=0)
+    ridge = RidgePredictor(policies=pol, accs=acc, min_bits=1, max_bits=8)
+    assert ridge.alpha in (0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0, 100.0)
+    # The closed form (hat-matrix leverages) against refitting without each point in turn.
+    residuals = []
+    for i in range(len(acc)):
+        keep = np.arange(len(acc)) != i
+        fit = RidgePredictor(policies=pol[keep], accs=acc[keep], min_bits=1, max_bits=8, alphas=(ridge.alpha,))
+        residuals.append(acc[i] - fit.predict(pol[i:i + 1])[0])
+    assert ridge.loo_mse == pytest.approx(np.mean(np.square(residuals)), rel=1e-6)
+    # Thermometer code: one "bits <= t" column per entry and threshold 1..7.
+    np.testing.assert_array_equal(ridge.features(np.full((1, len(LAYERS), 2), 3))[0].reshape(-1, 7)[0],
+                                  [0, 0, 1, 1, 1, 1, 1])
+    held_out, true_acc = _additive(200, len(LAYERS), seed=1)
+    # The same linear model on the one-hot code (what the generator's consistency term uses).
+    weights, bias = ridge.one_hot_weights()
+    on_one_hot = one_hot(held_out, 1, 8).double() @ weights.double() + bias
+    np.testing.assert_allclose(on_one_hot.numpy(), ridge.predict(held_out), atol=1e-5)
+    assert np.mean(np.abs(ridge.predict(held_out) - true_acc)) < 0.25 * np.mean(np.abs(true_acc - acc.mean()))
+    assert spearmanr(ridge.predict(held_out), true_acc).statistic > 0.9
 
 
 def test_van_der_corput_fills_the_interval():
@@ -96,6 +129,33 @@ def test_warmup_is_diverse_and_inside_the_budget():
     means = sorted(p.mean() for p in policies)
     assert means[-1] - means[0] > 1.5
     assert len({p.tobytes() for p in policies}) == 8
+
+
+def test_selection_predictor_is_refitted_on_every_completed_trial_and_restored(tmp_path):
+    problem = make_problem(seed=3)
+    searcher = make_searcher("aqgan", problem, warmup=4, retrain_every=3, **FAST)
+    run_trials(searcher, problem, [f"t{i}" for i in range(6)])  # trained at 4, data at 6
+    assert searcher.model.rounds == 1
+    fresh = RidgePredictor(policies=np.stack(searcher.policies), accs=np.array(searcher.accs),
+                           min_bits=problem.min_bits, max_bits=problem.max_bits)
+    probe = np.stack(searcher.policies)
+    np.testing.assert_array_equal(searcher.model.predict(probe), fresh.predict(probe))
+    path = str(tmp_path / "aqgan.ckpt")
+    searcher.save(path)
+    restored = make_searcher("aqgan", make_problem(seed=3), warmup=4, retrain_every=3, **FAST)
+    restored.restore(path)
+    np.testing.assert_array_equal(restored.model.predict(probe), fresh.predict(probe))
+
+
+def test_condition_spread_widens_the_pool():
+    pol, acc = _synthetic(80, len(LAYERS), seed=0)
+    model = AQGAN(num_layers=len(LAYERS), min_bits=1, max_bits=8, config=GANConfig(train_steps=300), seed=0)
+    model.fit(pol, acc)
+    target = float(np.median(acc))
+    narrow = model.generate(256, target).mean(axis=(1, 2))
+    wide = model.generate(256, target, spread=0.4).mean(axis=(1, 2))
+    assert wide.std() > narrow.std()
+    assert wide.min() >= 1 and wide.max() <= 8
 
 
 def test_trained_suggestions_are_projected_unseen_and_deterministic():

@@ -21,7 +21,8 @@ and their training are in ``_aqgan.py``; this module maps them onto a search:
 - **Suggest.** Target = ``target_acc`` if given, else best seen + ``margin``.
   ``num_candidates`` policies are generated at the target, deduplicated, projected to
   the budget (``problem.project``, the rule every searcher goes through), re-scored
-  by the discriminator's regression head (the projection changed some of them), and
+  by the selection predictor (ridge on the bits, refitted on all data after every
+  completed trial; see ``_aqgan.py``: the projection changed some of them), and
   the cheapest (``cost_metric``) unseen one predicted at or above the target is
   proposed; when none is, the unseen one with the highest predicted accuracy. When
   every candidate was seen already, a warm-up style policy explores instead.
@@ -123,7 +124,9 @@ def load_generator(path) -> tuple[AQGAN, dict]:
     if not isinstance(state, dict) or state.get("version") != EXPORT_VERSION:
         got = state.get("version") if isinstance(state, dict) else type(state).__name__
         raise ValueError(f"{path}: expected an aqgan generator (version {EXPORT_VERSION}), got {got!r}")
-    return AQGAN.from_state_dict(state["model"], seed=0), state
+    model = AQGAN.from_state_dict(state["model"], seed=0)
+    model.fit_predictor(state["policies"].numpy(), state["accs"].numpy())
+    return model, state
 
 
 @register_searcher(
@@ -208,6 +211,8 @@ class AQGANSearcher(SearchPropertiesMixin, Searcher):
         if len(self.accs) >= self.warmup and (not self.model.trained
                                               or self.since_training >= self.options.retrain_every):
             self.train()
+        elif self.model.trained:  # the selection predictor (closed form, ms) always sees all data
+            self.model.fit_predictor(np.stack(self.policies), np.array(self.accs))
 
     # -- data and training ---------------------------------------------------------------
 
@@ -338,6 +343,8 @@ class AQGANSearcher(SearchPropertiesMixin, Searcher):
         self.model.load_state_dict(state["model"])
         self.policies = [p.copy() for p in state["policies"].numpy()]
         self.accs = [float(a) for a in state["accs"].numpy()]
+        if self.model.trained:  # a deterministic function of the data: refitted, not stored
+            self.model.fit_predictor(np.stack(self.policies), np.array(self.accs))
         self._seen = {_policy_key(p) for p in state["seen"].numpy()}
         self._pending = {tid: p.numpy().copy() for tid, p in state["pending"].items()}
         self.num_suggested, self.num_completed, self.since_training = state["counters"]
@@ -371,10 +378,14 @@ def policy_costs(problem: SearchProblem, policies: np.ndarray) -> np.ndarray:
 
 
 def generate_policies(model: AQGAN, problem: SearchProblem, target_acc: float, num: int, *,
-                      pool: int = 256, measured: tuple[np.ndarray, np.ndarray] | None = None) -> list[dict]:
+                      pool: int = 256, measured: tuple[np.ndarray, np.ndarray] | None = None,
+                      spread: float = 0.0) -> list[dict]:
     """``haqtune generate``'s selection: ``pool`` policies sampled at ``target_acc``, projected
     to ``problem``'s budget (any hardware: its table), deduplicated, re-scored by the
-    regression head; the ``num`` predicted closest to the target (ties: cheapest first).
+    model's selection predictor (``AQGAN.predict``: the ridge); the ``num`` predicted
+    closest to the target (ties: cheapest first). ``spread`` widens the sampled
+    conditions (``AQGAN.generate``; 0 by default: 0.1 and 0.25 changed the surrogate's
+    target error by at most 0.05 points).
     ``measured`` = (policies ``[M, L, 2]``, val_acc ``[M]``) already evaluated (the
     generator's training data): a candidate among them is scored by its measured
     accuracy instead of the estimate (trials are deterministic per policy).
@@ -386,7 +397,7 @@ def generate_policies(model: AQGAN, problem: SearchProblem, target_acc: float, n
     """
     if not 0 < num <= pool:
         raise ValueError(f"num: expected 1 <= num <= pool ({pool}), got {num}")
-    raw = np.unique(model.generate(pool, target_acc), axis=0)
+    raw = np.unique(model.generate(pool, target_acc, spread=spread), axis=0)
     raw_keys = {_policy_key(p) for p in raw}
     projected = project_many(problem, raw)
     predicted = model.predict(projected)
