@@ -537,7 +537,8 @@ def resume_plan(search_dir: str | Path, *, tracking_uri: str | None = None) -> t
         resolve_tracking_uri,
     )
 
-    search_dir = check_storage(search_dir if is_uri(search_dir) else Path(search_dir).resolve())
+    search_dir = check_storage(search_dir if is_uri(search_dir) else Path(search_dir).resolve(),
+                               what="SEARCH_DIR")
     if not (search_dir / CONFIG_FILE).is_file() or not (search_dir / "tuner.pkl").is_file():
         raise HaqtuneError(
             f"{str(search_dir)!r} is not a haqtune search directory: expected {CONFIG_FILE} and "

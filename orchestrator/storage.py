@@ -64,12 +64,13 @@ def _split_last(location: str) -> tuple[str, str]:
     return urllib.parse.urlunsplit(split._replace(path=head if head != "/" else "")), name
 
 
-def open_storage(location: str | os.PathLike | Storage) -> Storage:
+def open_storage(location: str | os.PathLike | Storage, *, what: str = "storage_dir") -> Storage:
     """The ``Storage`` at ``location`` (a local path, made absolute, or a URI).
 
     Opens the filesystem the way Ray Tune does and writes nothing. An unknown or
     unsupported scheme (``foo://``, ``s3://`` on a pyarrow built without S3) is a
-    HaqtuneError that says which locations work.
+    HaqtuneError, starting with ``what`` (the setting or argument), that says which
+    locations work.
     """
     if isinstance(location, Storage):
         return location
@@ -79,34 +80,42 @@ def open_storage(location: str | os.PathLike | Storage) -> Storage:
     if not is_uri(text):
         path = os.path.abspath(text)
         return Storage(path, pyarrow.fs.LocalFileSystem(), path)
+    if urllib.parse.urlsplit(text).password is not None:
+        # pyarrow takes s3://KEY:SECRET@bucket/..., but the location is printed, kept in
+        # config.yaml and logged to MLflow.
+        raise HaqtuneError(
+            f"{what}: the URI holds credentials (user:secret@), which would be written to "
+            "config.yaml, MLflow and the terminal: expected them in the environment (AWS_ACCESS_KEY_ID "
+            "and AWS_SECRET_ACCESS_KEY for S3, GOOGLE_APPLICATION_CREDENTIALS for GCS)"
+        )
     try:
         fs, path = pyarrow.fs.FileSystem.from_uri(text)
     except (ValueError, NotImplementedError, OSError) as exc:  # ArrowInvalid, ArrowNotImplementedError
         reason = " ".join(str(exc).split())
         raise HaqtuneError(
-            f"storage_dir: cannot use {text!r} ({reason}): expected a local path or a URI Ray Tune's "
+            f"{what}: cannot use {text!r} ({reason}): expected a local path or a URI Ray Tune's "
             f"storage_path takes, such as {URI_EXAMPLES}"
         ) from None
     return Storage(text, fs, path)
 
 
-def check_storage(location: str | os.PathLike) -> Storage:
+def check_storage(location: str | os.PathLike, *, what: str = "storage_dir") -> Storage:
     """Validate a search's storage before anything runs: the scheme is supported and
     the storage answers (credentials, endpoint, bucket). Reads only: creates no bucket,
     writes nothing. Returns its ``Storage``."""
-    storage = open_storage(location)
+    storage = open_storage(location, what=what)
     if storage.is_local:
         return storage
     try:
         if storage.fs.type_name in _BUCKET_FILESYSTEMS:
             bucket = storage.path.split("/", 1)[0]
             if storage.fs.get_file_info(bucket).type.name == "NotFound":
-                raise HaqtuneError(f"storage_dir: bucket {bucket!r} of {storage.location!r} does not exist: "
+                raise HaqtuneError(f"{what}: bucket {bucket!r} of {storage.location!r} does not exist: "
                                    "expected an existing bucket (haqtune creates none)")
         storage.fs.get_file_info(storage.path)
     except OSError as exc:
         reason = " ".join(str(exc).split())
-        raise HaqtuneError(f"storage_dir: cannot reach {storage.location!r} ({reason}): expected a "
+        raise HaqtuneError(f"{what}: cannot reach {storage.location!r} ({reason}): expected a "
                            "storage this machine can read (check its credentials and endpoint)") from None
     return storage
 

@@ -115,6 +115,12 @@ def test_unknown_scheme_is_one_clear_error(location):
     assert "s3://bucket/path" in message and "\n" not in message
 
 
+def test_credentials_in_the_uri_are_refused_without_echoing_them():
+    with pytest.raises(HaqtuneError) as err:
+        open_storage("s3://AKIAEXAMPLE:sup3rsecret@bucket/runs")
+    assert "holds credentials" in str(err.value) and "sup3rsecret" not in str(err.value)
+
+
 def test_storage_pickles_as_its_location(tmp_path):
     storage = open_storage(f"file://{tmp_path}") / "search-1"
     again = pickle.loads(pickle.dumps(storage))

@@ -1,0 +1,117 @@
+"""``--storage-dir s3://...`` end to end against a real S3 API served on 127.0.0.1 (moto's
+server, started and stopped by the fixture): the real CLI in subprocesses, real Ray Tune
+(``storage_path`` = the URI), real MLflow.
+
+A driver SIGKILLed (with its process group) after k of n trials is resumed from another
+working directory with ``haqtune resume s3://bucket/runs/<id>``, with the endpoint given
+in the URI's query instead of the environment (as on a machine configured differently):
+n trials in total in Tune and in MLflow, none duplicated, the pre-kill trials keep their
+ids, runs and val_acc, and every file of the search is in the bucket, none on local disk.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+from io import StringIO
+
+import pytest
+from s3server import CREDENTIALS, s3_server
+from test_e2e_resume import LINE, _children_by_trial, _progress, _read_until, _start
+
+from e2e import run_cli
+
+pytestmark = [pytest.mark.slow, pytest.mark.cluster]
+
+# Small: the test is about where files go and what a resume keeps, not about accuracy.
+SEARCH_YAML = "searcher: random\nnum_trials: {n}\ntest_top_k: 1\nreference: {{epochs: 4}}\nfinetune: {{epochs: 1}}\n"
+
+
+@pytest.fixture(scope="module")
+def s3():
+    with s3_server() as server:
+        yield server
+
+
+def _search_ids(s3, prefix: str) -> set[str]:
+    return {key.split("/")[1] for key in s3.keys(prefix) if not key.startswith(f"{prefix}/_cache/")}
+
+
+def test_killed_s3_search_resumes_from_another_directory(tmp_path, s3):
+    n, k = 3, 1
+    first, elsewhere = tmp_path / "first", tmp_path / "elsewhere"
+    first.mkdir()
+    elsewhere.mkdir()
+    (first / "search.yaml").write_text(SEARCH_YAML.format(n=n))
+    proc = _start(["search", "search.yaml", "--storage-dir", s3.uri("runs")], first, env=s3.env)
+    try:
+        lines = _read_until(proc, lambda ls: sum(bool(LINE.match(x)) for x in ls) >= k)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=60)
+    before = _progress(lines)
+    assert len(before) >= k and all(s == "ok" for s, _ in before.values()), "\n".join(lines[-30:])
+    (search_id,) = _search_ids(s3, "runs")
+    keys = set(s3.keys(f"runs/{search_id}"))
+    assert {f"runs/{search_id}/config.yaml", f"runs/{search_id}/tuner.pkl",
+            f"runs/{search_id}/mlflow_runs.json"} <= keys
+    assert f"runs/{search_id}/summary.json" not in keys
+    assert any(key.startswith("runs/_cache/reference-") for key in s3.keys("runs/_cache"))
+    assert f"storage_dir: {s3.uri('runs')}\n" in s3.read_text(f"runs/{search_id}/config.yaml")
+    assert not (first / "haqtune_runs").exists() and not (first / "s3:").exists()  # nothing local
+    uri = f"sqlite:///{first / 'mlflow.db'}"
+    _, runs_before = _children_by_trial(uri)
+    finished_before = {tid: c for tid, c in runs_before.items() if c.info.status == "FINISHED"}
+    assert set(before) <= set(finished_before)
+
+    # Another machine: another working directory, the endpoint only in the URI.
+    assert "AWS_ENDPOINT_URL" not in os.environ
+    resumed = run_cli(["resume", s3.uri(f"runs/{search_id}", endpoint_in_query=True)], elsewhere,
+                      env=CREDENTIALS)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    assert f"[{n}/{n}]" in resumed.stdout
+    assert f"haqtune: results in s3://{s3.bucket}/runs/{search_id}?endpoint_override=" in resumed.stdout
+    assert os.listdir(elsewhere) == [] and not (first / "haqtune_runs").exists()
+
+    summary = json.loads(s3.read_text(f"runs/{search_id}/summary.json"))
+    assert summary["num_trials"] == n and summary["failed_trials"] == 0
+    assert summary["best"] and summary["best"][0]["checkpoint"].startswith(f"{s3.bucket}/runs/{search_id}/")
+    parents, runs_after = _children_by_trial(uri)
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    assert len(runs_after) == n and all(c.info.status == "FINISHED" for c in runs_after.values())
+    # MLflow's artifacts were read from the bucket (the summary's files, the config).
+    from mlflow.tracking import MlflowClient
+
+    artifacts = {a.path for a in MlflowClient(uri).list_artifacts(parents[0].info.run_id)}
+    assert {"config.yaml", "results.csv", "best_policy.json"} <= artifacts
+    # Tune's view: results.csv is the restored ResultGrid.
+    import pandas as pd
+
+    tune_rows = pd.read_csv(StringIO(s3.read_text(f"runs/{search_id}/results.csv"))).set_index("trial_id")
+    assert len(tune_rows) == n and set(tune_rows.index) == set(runs_after)
+    trial_dirs = {key.split("/")[2] for key in s3.keys(f"runs/{search_id}") if key.split("/")[2].startswith("trial_")}
+    assert trial_dirs == {f"trial_{tid}" for tid in runs_after}  # Tune's trials live in the bucket
+    for tid, run in finished_before.items():
+        after = runs_after[tid]
+        assert after.info.run_id == run.info.run_id  # the same run, not a re-created one
+        assert after.data.metrics["val_acc"] == run.data.metrics["val_acc"]
+        assert tune_rows.loc[tid, "val_acc"] == pytest.approx(run.data.metrics["val_acc"], abs=0)
+        assert tune_rows.loc[tid, "policy"] == run.data.params["policy"]
+    # The resumed config names the storage as the resuming machine reached it.
+    assert "endpoint_override=" in s3.read_text(f"runs/{search_id}/config.yaml")
+
+
+def test_s3_bad_input_is_one_line_and_writes_nothing(tmp_path, s3):
+    before = s3.keys()
+    cases = [
+        (["search", "--storage-dir", "s3://no-such-bucket/runs", "--dry-run"],
+         "storage_dir: bucket 'no-such-bucket' of 's3://no-such-bucket/runs' does not exist"),
+        (["resume", s3.uri("runs/no-such-search")], "is not a haqtune search directory"),
+    ]
+    for args, message in cases:
+        proc = run_cli(args, tmp_path, timeout=120, env=s3.env)
+        assert proc.returncode == 2, proc.stdout + proc.stderr
+        lines = proc.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("haqtune: error: ") and message in lines[0], proc.stderr
+    assert s3.keys() == before and os.listdir(tmp_path) == []
