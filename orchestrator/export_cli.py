@@ -70,7 +70,12 @@ def export_plan(search_dir: str | Path, *, rank: int | None, trial_id: str | Non
                 output: str | None) -> ExportPlan:
     """Validate the request and locate the checkpoint; writes nothing."""
     from .search import CONFIG_FILE, SUMMARY_FILE
+    from .storage import is_uri
 
+    if is_uri(search_dir):  # Path() would turn s3://b/x into s3:/b/x
+        raise HaqtuneError(f"SEARCH_DIR: export reads a local search directory, got the storage URI "
+                           f"{str(search_dir)!r}: copy the search directory to this machine first "
+                           "(e.g. `aws s3 cp --recursive URI DIR`) and export from that copy")
     search_dir = Path(search_dir)
     if not (search_dir / CONFIG_FILE).is_file():
         raise HaqtuneError(f"{str(search_dir)!r} is not a haqtune search directory: expected "

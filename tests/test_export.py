@@ -260,6 +260,12 @@ def test_cli_not_a_search_dir(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_cli_storage_uri_is_refused_clearly(tmp_path):
+    result = _cli([f"file://{tmp_path}/runs/random-x"])
+    assert result.exit_code == 2 and "export reads a local search directory" in result.output
+    assert "copy the search directory" in result.output and list(tmp_path.iterdir()) == []
+
+
 def test_cli_unfinished_search_needs_trial(fake_search):
     (fake_search / "summary.json").unlink()
     result = _cli([fake_search])
