@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import time
 from io import StringIO
 
 import pytest
@@ -38,6 +39,29 @@ def _search_ids(s3, prefix: str) -> set[str]:
     return {key.split("/")[1] for key in s3.keys(prefix) if not key.startswith(f"{prefix}/_cache/")}
 
 
+def _saved_terminated(s3, search_dir: str) -> set[str]:
+    """Trial ids TERMINATED in the newest experiment state Tune has uploaded to the bucket."""
+    states = [key for key in s3.keys(search_dir) if key.rsplit("/", 1)[-1].startswith("experiment_state-")]
+    if not states:
+        return set()
+    trials = [json.loads(t[0]) for t in json.loads(s3.read_text(max(states)))["trial_data"]]
+    return {t["trial_id"] for t in trials if t.get("status") == "TERMINATED"}
+
+
+def _wait_until_saved(s3, trial_ids, timeout_s: float = 60) -> None:
+    # Tune saves its experiment state at the end of the step in which a trial finished and
+    # uploads it in a background thread: a SIGKILL before that upload ends forgets the
+    # trial (it runs again under a new id; its orphaned MLflow run is deleted on resume).
+    # Killing after the upload, the test can check that saved trials are kept.
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        ids = _search_ids(s3, "runs")
+        if ids and set(trial_ids) <= _saved_terminated(s3, f"runs/{next(iter(ids))}"):
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"trials {sorted(trial_ids)} not in an uploaded experiment state after {timeout_s} s")
+
+
 def test_killed_s3_search_resumes_from_another_directory(tmp_path, s3):
     n, k = 3, 1
     first, elsewhere = tmp_path / "first", tmp_path / "elsewhere"
@@ -47,6 +71,7 @@ def test_killed_s3_search_resumes_from_another_directory(tmp_path, s3):
     proc = _start(["search", "search.yaml", "--storage-dir", s3.uri("runs")], first, env=s3.env)
     try:
         lines = _read_until(proc, lambda ls: sum(bool(LINE.match(x)) for x in ls) >= k)
+        _wait_until_saved(s3, _progress(lines))
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(timeout=60)
