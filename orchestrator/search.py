@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import secrets
+import shlex  # a storage URI's query (&) must survive a copy-paste into a shell
 import time
 import warnings
 from dataclasses import dataclass
@@ -234,7 +235,7 @@ class SearchInterrupted(Exception):
     """Ctrl-C / SIGTERM stopped the search; its state is saved and ``resume`` continues it."""
 
     def __init__(self, search_dir: Storage) -> None:
-        super().__init__(f"interrupted; continue with: haqtune resume {search_dir}")
+        super().__init__(f"interrupted; continue with: haqtune resume {shlex.quote(str(search_dir))}")
         self.search_dir = search_dir
 
 
@@ -290,7 +291,7 @@ def run(prepared: PreparedSearch, *, echo=print, search_id: str | None = None,
         tracker.end("KILLED")
         if (plan.search_dir / "tuner.pkl").exists():
             echo(f"\nhaqtune: interrupted: running trials were stopped and the search state saved; "
-                 f"continue with:\n  haqtune resume {plan.search_dir}")
+                 f"continue with:\n  haqtune resume {shlex.quote(str(plan.search_dir))}")
         else:
             echo("\nhaqtune: interrupted before the first trial started: nothing to resume")
         raise
