@@ -34,7 +34,10 @@ def _terminated(s3, prefix: str) -> dict[str, float]:
     states = [k for k in s3.keys(prefix) if k.rsplit("/", 1)[-1].startswith("experiment_state-")]
     if not states:
         return {}
-    trials = [json.loads(t[0]) for t in json.loads(s3.read_text(max(states)))["trial_data"]]
+    try:
+        trials = [json.loads(t[0]) for t in json.loads(s3.read_text(max(states)))["trial_data"]]
+    except json.JSONDecodeError:  # replaced between the read's size lookup and its GET: read again
+        return {}
     return {t["trial_id"]: time.perf_counter() for t in trials if t.get("status") == "TERMINATED"}
 
 

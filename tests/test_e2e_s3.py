@@ -44,7 +44,10 @@ def _saved_terminated(s3, search_dir: str) -> set[str]:
     states = [key for key in s3.keys(search_dir) if key.rsplit("/", 1)[-1].startswith("experiment_state-")]
     if not states:
         return set()
-    trials = [json.loads(t[0]) for t in json.loads(s3.read_text(max(states)))["trial_data"]]
+    try:
+        trials = [json.loads(t[0]) for t in json.loads(s3.read_text(max(states)))["trial_data"]]
+    except json.JSONDecodeError:  # replaced between the read's size lookup and its GET: read again
+        return set()
     return {t["trial_id"] for t in trials if t.get("status") == "TERMINATED"}
 
 
