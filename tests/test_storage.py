@@ -131,3 +131,27 @@ def test_relative_local_path_is_made_absolute(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     storage = check_storage("haqtune_runs")
     assert str(storage) == str(tmp_path / "haqtune_runs") and not storage.exists()  # nothing written
+
+
+def test_failed_trial_error_file_is_named_in_its_storage(tmp_path):
+    """The progress line of a failed trial names its error file where Tune stored it: a
+    bucket URI for remote storage, a plain path for a local one (never ``s3:/...``)."""
+    import pyarrow.fs
+
+    from orchestrator.callbacks import error_summary
+
+    local = tmp_path / "staging" / "error.txt"
+    local.parent.mkdir()
+    local.write_text("Traceback ...\nRuntimeError: injected fault\n")
+    s3 = pyarrow.fs.S3FileSystem(endpoint_override="127.0.0.1:9", scheme="http")  # connects to nothing
+
+    class Trial:  # the attributes of ray.tune.experiment.Trial that error_summary reads
+        def __init__(self, path, fs):
+            self.error_file, self.path = str(local), path
+            self.storage = type("StorageContext", (), {"storage_filesystem": fs})()
+
+    last, stored = error_summary(Trial("bucket/runs/haq-1/trial_a", s3))
+    assert last == "RuntimeError: injected fault"
+    assert stored == "s3://bucket/runs/haq-1/trial_a/error.txt"
+    _, stored = error_summary(Trial(f"{tmp_path}/runs/haq-1/trial_a", pyarrow.fs.LocalFileSystem()))
+    assert stored == f"{tmp_path}/runs/haq-1/trial_a/error.txt"
