@@ -50,9 +50,12 @@ class S3Server:
         return sorted(info.path[len(self.bucket) + 1:] for info in self.filesystem().get_file_info(selector)
                       if info.type == pyarrow.fs.FileType.File)
 
-    def read_text(self, key: str) -> str:
+    def read_bytes(self, key: str) -> bytes:
         with self.filesystem().open_input_stream(f"{self.bucket}/{key}") as stream:
-            return stream.read().decode()
+            return stream.read()
+
+    def read_text(self, key: str) -> str:
+        return self.read_bytes(key).decode()
 
 
 @contextlib.contextmanager

@@ -260,10 +260,13 @@ def test_cli_not_a_search_dir(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_cli_storage_uri_is_refused_clearly(tmp_path):
-    result = _cli([f"file://{tmp_path}/runs/random-x"])
-    assert result.exit_code == 2 and "export reads a local search directory" in result.output
-    assert "copy the search directory" in result.output and list(tmp_path.iterdir()) == []
+def test_cli_storage_uri_not_a_search_dir(tmp_path):
+    uri = f"file://{tmp_path}/runs/random-x"  # export from a bucket: tests/test_e2e_s3.py
+    result = _cli([uri])
+    assert result.exit_code == 2, result.output
+    assert result.output.strip() == (f"haqtune: error: {uri!r} is not a haqtune search directory: expected "
+                                     "config.yaml in it, as under s3://bucket/haqtune_runs/<search_id>/")
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_cli_unfinished_search_needs_trial(fake_search):
