@@ -28,9 +28,8 @@ from e2e import run_cli
 
 pytestmark = [pytest.mark.slow, pytest.mark.cluster]
 
-# Small: the test is about where files go and what a resume keeps, not about accuracy. One
-# trial at a time, so that trials are still to run when the kill comes (see _wait_until_saved).
-SEARCH_YAML = ("searcher: random\nnum_trials: {n}\nmax_concurrent: 1\ntest_top_k: 1\n"
+# Small: the test is about where files go and what a resume keeps, not about accuracy.
+SEARCH_YAML = ("searcher: random\nnum_trials: {n}\ntest_top_k: 1\n"
                "reference: {{epochs: 4}}\nfinetune: {{epochs: 1}}\n")
 
 
@@ -90,7 +89,7 @@ def _wait_until_saved(s3, trial_ids, timeout_s: float = 60) -> None:
 
 
 def test_killed_s3_search_resumes_from_another_directory(tmp_path, s3):
-    n, k = 4, 1
+    n, k = 4, 1  # 2 trials at a time on 2 cores: trials are still to run when the kill comes
     first, elsewhere = tmp_path / "first", tmp_path / "elsewhere"
     first.mkdir()
     elsewhere.mkdir()
