@@ -75,8 +75,13 @@ def error_summary(trial) -> tuple[str, str | None]:
         text = Path(local).read_text(errors="replace")
     lines = [line.strip() for line in text.splitlines() if line.strip()]
     last = lines[-1] if lines else "unknown error (no error file)"
-    storage = getattr(trial, "path", None)
-    stored = str(Path(storage, Path(local).name)) if local and storage else local
+    storage = getattr(trial, "path", None)  # on Tune's storage filesystem, without a scheme
+    stored = local
+    if local and storage:
+        stored = f"{storage.rstrip('/')}/{Path(local).name}"
+        fs = getattr(getattr(trial, "storage", None), "storage_filesystem", None)
+        if fs is not None and fs.type_name != "local":  # e.g. s3://bucket/runs/<id>/trial_x/error.txt
+            stored = f"{fs.type_name}://{stored}"
     return last[:300], stored
 
 

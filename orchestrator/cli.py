@@ -46,8 +46,9 @@ def main() -> None:
 @click.option("--experiment", help="MLflow experiment name.")
 @click.option("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db).")
 @click.option("--storage-dir", envvar="HAQTUNE_STORAGE_DIR", show_envvar=True,
-              help="Where search state goes (default ./haqtune_runs; a cluster sets it once in "
-              "$HAQTUNE_STORAGE_DIR, see ray_cluster.yaml).")
+              help="Where search state goes: a local directory (default ./haqtune_runs) or a URI Ray "
+              "Tune's storage_path takes (s3://bucket/path, gs://bucket/path, file:///path); a cluster "
+              "sets it once in $HAQTUNE_STORAGE_DIR (see ray_cluster.yaml).")
 @click.option("--address", help="Ray cluster address (e.g. auto); default starts a local Ray.")
 @click.option("--max-concurrent", help="Trials in flight at once: N, or auto (default: as many as the "
               "Ray cluster's CPUs/GPUs fit, at most num_trials).")
@@ -93,8 +94,9 @@ def search(config_file, dry_run, weights, **flags) -> None:
 @click.option("--tracking-uri", help="MLflow store that now holds the search's runs (if it moved); "
                                      "default: the one in SEARCH_DIR/config.yaml.")
 def resume(search_dir, tracking_uri) -> None:
-    """Continue an interrupted search (SEARCH_DIR: ./haqtune_runs/<search_id>), from any
-    working directory; everything is written into SEARCH_DIR and its MLflow runs."""
+    """Continue an interrupted search (SEARCH_DIR: ./haqtune_runs/<search_id>, or a storage
+    URI such as s3://bucket/haqtune_runs/<search_id>), from any working directory or machine;
+    everything is written into SEARCH_DIR and its MLflow runs."""
     from .search import resume_plan
 
     try:

@@ -228,13 +228,18 @@ class SearchConfig:
         path = Path(path)
         if not path.is_file():
             raise HaqtuneError(f"config file {str(path)!r} not found: expected a YAML file such as configs/demo.yaml")
+        return cls.from_yaml_text(path.read_text(), source=f"config file {str(path)!r}")
+
+    @classmethod
+    def from_yaml_text(cls, text: str, *, source: str = "config") -> SearchConfig:
+        """A config from YAML text (``source`` names it in errors, e.g. a storage URI)."""
         try:
-            data = yaml.safe_load(path.read_text())
+            data = yaml.safe_load(text)
         except yaml.YAMLError as exc:
             mark = getattr(exc, "problem_mark", None)
             where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-            raise HaqtuneError(f"config file {str(path)!r} is not valid YAML{where}: {getattr(exc, 'problem', exc)}") from None
-        return cls.from_dict(data or {}, source=f"config file {str(path)!r}")
+            raise HaqtuneError(f"{source} is not valid YAML{where}: {getattr(exc, 'problem', exc)}") from None
+        return cls.from_dict(data or {}, source=source)
 
     def replace(self, **overrides) -> SearchConfig:
         """A copy with ``overrides`` (``None`` values are ignored: unset CLI flags)."""
@@ -265,8 +270,11 @@ class SearchConfig:
                                    or self.data_root.startswith("~")  # each node's own home
                                    else os.path.abspath(self.data_root))
 
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
     def write_yaml(self, path: Path) -> None:
-        atomic_write_text(path, yaml.safe_dump(self.to_dict(), sort_keys=False))
+        atomic_write_text(path, self.to_yaml())
 
 
 def _parse_budget(value) -> Budget | None:

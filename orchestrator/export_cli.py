@@ -3,7 +3,8 @@
 Finds the trial (``--rank N`` in the search's ``summary.json``, or ``--trial ID``),
 loads its Tune checkpoint (``<search_dir>/trial_<id>/checkpoint_*/quantized_model.pt``,
 written by ``trainables.trial``), and writes to ``--output`` (default
-``<search_dir>/export/<trial_id>``):
+``<search_dir>/export/<trial_id>``; a search in a bucket, ``s3://.../<search_id>``, is fetched
+to a temp copy and its export uploaded there):
 
 - ``model.pt`` (``--format torch|both``): integer weights, scales, clip ranges, policy and
   model identity; ``trainables.load_quantized(path)`` rebuilds it. Its test accuracy
@@ -71,7 +72,7 @@ def export_plan(search_dir: str | Path, *, rank: int | None, trial_id: str | Non
     """Validate the request and locate the checkpoint; writes nothing."""
     from .search import CONFIG_FILE, SUMMARY_FILE
 
-    search_dir = Path(search_dir)
+    search_dir = Path(search_dir)  # a local directory (a storage URI goes through export_from_storage)
     if not (search_dir / CONFIG_FILE).is_file():
         raise HaqtuneError(f"{str(search_dir)!r} is not a haqtune search directory: expected "
                            f"{CONFIG_FILE} in it, as under ./haqtune_runs/<search_id>/")
@@ -240,6 +241,55 @@ def run_export(plan: ExportPlan, fmt: str, *, tracking_uri: str | None = None, e
     return result
 
 
+def _fetch_search(storage, local: Path) -> None:
+    """The files of the search at ``storage`` that an export reads, copied to ``local``:
+    config, summary, MLflow run map and the trials' checkpoints (only the best
+    ``test_top_k`` trials keep one), not Tune's experiment state or logs."""
+    import fnmatch
+
+    import pyarrow.fs
+
+    from .search import CONFIG_FILE, SUMMARY_FILE
+    from .tracking import RUN_MAP_FILE
+
+    infos = storage.fs.get_file_info(pyarrow.fs.FileSelector(storage.path, recursive=True))
+    for info in infos:
+        relative = info.path[len(storage.path.rstrip("/")) + 1:]
+        if info.type == pyarrow.fs.FileType.File and (
+                relative in (CONFIG_FILE, SUMMARY_FILE, RUN_MAP_FILE)
+                or fnmatch.fnmatch(relative, "trial_*/checkpoint_*/*")):
+            (storage / relative).download(local / relative)
+
+
+def export_from_storage(location: str, *, rank: int | None, trial_id: str | None, fmt: str,
+                        output: str | None, tracking_uri: str | None) -> dict:
+    """Export from a search in a bucket (``s3://bucket/haqtune_runs/<id>``): its files are
+    fetched to a temp copy, exported there, and the export is uploaded to
+    ``<location>/export/<trial_id>`` (or written to ``--output``)."""
+    import tempfile
+
+    from .search import CONFIG_FILE
+    from .storage import check_storage
+
+    storage = check_storage(location, what="SEARCH_DIR")
+    if not (storage / CONFIG_FILE).is_file():
+        raise HaqtuneError(f"{location!r} is not a haqtune search directory: expected {CONFIG_FILE} "
+                           "in it, as under s3://bucket/haqtune_runs/<search_id>/")
+    with tempfile.TemporaryDirectory(prefix="haqtune-export-") as tmp:
+        local = Path(tmp) / storage.name  # the search id, as export names the search
+        _fetch_search(storage, local)
+        plan = export_plan(local, rank=rank, trial_id=trial_id, output=output)
+        plan = ExportPlan(plan.search_dir, plan.trial_id, plan.rank, plan.summary_row, plan.checkpoint_dir,
+                          Path(output) if output else Path(tmp) / EXPORT_DIR / plan.trial_id)
+        result = run_export(plan, fmt, tracking_uri=tracking_uri)
+        if output is None:
+            target = storage / EXPORT_DIR / plan.trial_id
+            for file in sorted(plan.output.iterdir()):
+                (target / file.name).upload(file)
+            click.echo(f"haqtune: export uploaded to {target}")
+    return result
+
+
 @click.command("export")
 @click.argument("search_dir")
 @click.option("--rank", type=int, help="Export the N-th best policy of summary.json (default 1).")
@@ -250,6 +300,13 @@ def run_export(plan: ExportPlan, fmt: str, *, tracking_uri: str | None = None, e
 @user_errors
 def export(search_dir: str, rank: int | None, trial_id: str | None, fmt: str, output: str | None,
            tracking_uri: str | None) -> None:
-    """Export a searched policy's fine-tuned model: PyTorch file, ONNX QDQ graph, report, MLflow."""
+    """Export a searched policy's fine-tuned model: PyTorch file, ONNX QDQ graph, report, MLflow.
+    SEARCH_DIR: a local search directory or a storage URI (s3://bucket/haqtune_runs/<id>)."""
+    from .storage import is_uri
+
+    if is_uri(search_dir):  # Path() would turn s3://b/x into s3:/b/x
+        export_from_storage(search_dir, rank=rank, trial_id=trial_id, fmt=fmt, output=output,
+                            tracking_uri=tracking_uri)
+        return
     plan = export_plan(search_dir, rank=rank, trial_id=trial_id, output=output)
     run_export(plan, fmt, tracking_uri=tracking_uri)

@@ -21,6 +21,7 @@ training when its entry exists; the driver reads and writes the files.
 
 from __future__ import annotations
 
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -82,27 +83,44 @@ def gather(refs: Sequence, progress: ProgressLine | None = None) -> list:
 
 
 class ReferenceCache:
-    """Reference models cached by content hash in one directory (read and written by
-    the driver; entries are written atomically and read with ``weights_only=True``)."""
+    """Reference models cached by content hash in one directory of the search's storage
+    (``orchestrator.storage``: a local path or a bucket URI), read and written by the
+    driver one entry at a time; entries are written atomically (temp file + rename, or
+    one PUT) and read with ``weights_only=True``."""
 
-    def __init__(self, directory: str | Path) -> None:
-        self.directory = Path(directory)
+    def __init__(self, directory) -> None:
+        from .storage import open_storage
+
+        self.directory = open_storage(directory)
 
     def names(self) -> frozenset[str]:
-        if not self.directory.is_dir():
-            return frozenset()
-        return frozenset(p.name for p in self.directory.glob("reference-*.pt"))
+        return frozenset(name for name in self.directory.file_sizes()
+                         if name.startswith("reference-") and name.endswith(".pt"))
 
     def read(self, name: str, payload: dict) -> tuple[dict, float] | None:
         from trainables.training import load_cached_reference
 
-        cached = load_cached_reference(self.directory / name, payload)
+        entry = self.directory / name
+        if entry.is_local:
+            cached = load_cached_reference(Path(entry.path), payload)
+        else:
+            with tempfile.TemporaryDirectory(prefix="haqtune-cache-") as tmp:
+                if not entry.is_file():
+                    return None
+                cached = load_cached_reference(entry.download(Path(tmp) / name), payload)
         return None if cached is None else (cached["state_dict"], float(cached["val_acc"]))
 
     def write(self, name: str, payload: dict, state: dict, val_acc: float) -> None:
         from trainables.training import atomic_torch_save
 
-        atomic_torch_save({"state_dict": state, "val_acc": val_acc, "key": payload}, self.directory / name)
+        entry = self.directory / name
+        obj = {"state_dict": state, "val_acc": val_acc, "key": payload}
+        if entry.is_local:
+            atomic_torch_save(obj, Path(entry.path))
+            return
+        with tempfile.TemporaryDirectory(prefix="haqtune-cache-") as tmp:
+            atomic_torch_save(obj, Path(tmp) / name)
+            entry.upload(Path(tmp) / name)
 
 
 @dataclass(frozen=True)

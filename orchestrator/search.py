@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import secrets
+import shlex  # a storage URI's query (&) must survive a copy-paste into a shell
 import time
 import warnings
 from dataclasses import dataclass
@@ -23,8 +24,9 @@ from search_spaces import metrics as M
 from trainables.data import DATASETS, DatasetFacts, DatasetOptions, check_subset, dataset_facts
 from trainables.models import apply_weights, build_model, first_conv_channels, load_weights
 
-from .config import AUTO, SearchConfig, atomic_write_text, fit_concurrency
+from .config import AUTO, SearchConfig, fit_concurrency
 from .errors import HaqtuneError
+from .storage import Storage, check_storage, is_uri, open_storage
 
 CONFIG_FILE = "config.yaml"
 SUMMARY_FILE = "summary.json"
@@ -113,6 +115,7 @@ def prepare(config: SearchConfig) -> PreparedSearch:
         table = cost_model.table(layers, config.batch)
         allowed = config.allowed_bits(len(layers))
         limit = check_feasible(table, config.budget, allowed=allowed) if config.budget else None
+        check_storage(config.storage_dir)  # scheme, credentials, bucket: read only
     except HaqtuneError:
         raise
     except (ValueError, TypeError, RuntimeError, OSError) as exc:
@@ -233,27 +236,35 @@ def _scheduler(config: SearchConfig):
 class SearchInterrupted(Exception):
     """Ctrl-C / SIGTERM stopped the search; its state is saved and ``resume`` continues it."""
 
-    def __init__(self, search_dir: Path) -> None:
-        super().__init__(f"interrupted; continue with: haqtune resume {search_dir}")
+    def __init__(self, search_dir: Storage) -> None:
+        super().__init__(f"interrupted; continue with: haqtune resume {shlex.quote(str(search_dir))}")
         self.search_dir = search_dir
 
 
 @dataclass(frozen=True)
 class SearchPlan:
-    """Where a search lives and the resolved config it runs with (absolute paths)."""
+    """Where a search lives and the resolved config it runs with (absolute paths).
+
+    ``search_dir`` is a ``Storage`` location (a local directory or a URI such as
+    ``s3://bucket/haqtune_runs/<id>``): every file of the search goes through it."""
 
     config: SearchConfig
     search_id: str
-    search_dir: Path
+    search_dir: Storage
     resumed: bool
 
     @property
-    def storage(self) -> Path:
+    def storage(self) -> Storage:
         return self.search_dir.parent
+
+    @property
+    def cache(self) -> Storage:
+        """The reference-model cache, shared by every search under one storage location."""
+        return self.storage / CACHE_DIR
 
 
 def run(prepared: PreparedSearch, *, echo=print, search_id: str | None = None,
-        resume_dir: Path | None = None) -> dict:
+        resume_dir: Storage | str | None = None) -> dict:
     """Run the search; returns the summary dict (also written to the search directory).
 
     With ``resume_dir`` (an existing search directory, checked by ``resume_plan``) the
@@ -287,7 +298,7 @@ def run(prepared: PreparedSearch, *, echo=print, search_id: str | None = None,
         tracker.end("KILLED")
         if (plan.search_dir / "tuner.pkl").exists():
             echo(f"\nhaqtune: interrupted: running trials were stopped and the search state saved; "
-                 f"continue with:\n  haqtune resume {plan.search_dir}")
+                 f"continue with:\n  haqtune resume {shlex.quote(str(plan.search_dir))}")
         else:
             echo("\nhaqtune: interrupted before the first trial started: nothing to resume")
         raise
@@ -299,24 +310,25 @@ def run(prepared: PreparedSearch, *, echo=print, search_id: str | None = None,
 
 
 def plan_search(prepared: PreparedSearch, *, search_id: str | None = None,
-                resume_dir: Path | None = None) -> SearchPlan:
+                resume_dir: Storage | str | None = None) -> SearchPlan:
     """The search directory and the resolved config; a new search writes ``config.yaml``
-    with absolute paths and tracking URI, so the directory is self-contained."""
+    with absolute paths and tracking URI, so the directory is self-contained. The
+    directory is ``<storage_dir>/<search_id>`` in the configured storage (local or URI)."""
     from .tracking import absolute_tracking_uri, resolve_tracking_uri
 
     config = prepared.config
     if resume_dir is not None:
-        search_dir = Path(resume_dir).resolve()
+        search_dir = open_storage(resume_dir)
         resolved = config.resolved(tracking_uri=absolute_tracking_uri(resolve_tracking_uri(config.tracking_uri)),
                                    storage_dir=str(search_dir.parent))
-        if resolved != SearchConfig.from_yaml(search_dir / CONFIG_FILE):
-            resolved.write_yaml(search_dir / CONFIG_FILE)  # e.g. resume --tracking-uri, or an old config
+        if resolved != read_config(search_dir):
+            write_config(search_dir, resolved)  # e.g. resume --tracking-uri, or an old config
         return SearchPlan(resolved, search_dir.name, search_dir, resumed=True)
     resolved = config.resolved(tracking_uri=absolute_tracking_uri(resolve_tracking_uri(config.tracking_uri)))
     search_id = search_id or new_search_id(config.searcher)
-    search_dir = Path(resolved.storage_dir) / search_id
-    search_dir.mkdir(parents=True, exist_ok=False)
-    resolved.write_yaml(search_dir / CONFIG_FILE)
+    search_dir = open_storage(resolved.storage_dir) / search_id
+    search_dir.mkdir(exist_ok=False)
+    write_config(search_dir, resolved)
     return SearchPlan(resolved, search_id, search_dir, resumed=False)
 
 
@@ -337,6 +349,16 @@ def check_cluster(config: SearchConfig) -> None:
                            "the address of a running cluster's head (`ray start --head` prints it)") from None
     check_trial_fits(read_cluster(), cpus_per_trial=config.cpus_per_trial,
                      gpus_per_trial=config.gpus_per_trial)
+
+
+def read_config(search_dir: Storage) -> SearchConfig:
+    """The resolved config a search directory keeps (``config.yaml``)."""
+    location = search_dir / CONFIG_FILE
+    return SearchConfig.from_yaml_text(location.read_text(), source=f"config file {str(location)!r}")
+
+
+def write_config(search_dir: Storage, config: SearchConfig) -> None:
+    (search_dir / CONFIG_FILE).write_text(config.to_yaml())
 
 
 def resolve_concurrency(plan: SearchPlan, echo) -> SearchPlan:
@@ -394,7 +416,7 @@ def reference_cache(plan: SearchPlan):
     """Where reference models are cached: one per storage directory, shared by its searches."""
     from .remote import ReferenceCache
 
-    return ReferenceCache(plan.storage / CACHE_DIR)
+    return ReferenceCache(plan.cache)
 
 
 def build_searcher(plan: SearchPlan, prepared: PreparedSearch, context, echo):
@@ -543,8 +565,9 @@ def _trial_dirname(trial) -> str:
     return f"trial_{trial.trial_id}"
 
 
-def resume_plan(search_dir: str | Path, *, tracking_uri: str | None = None) -> tuple[PreparedSearch, Path]:
-    """Validate a search directory and re-prepare its resolved config (writes nothing).
+def resume_plan(search_dir: str | Path, *, tracking_uri: str | None = None) -> tuple[PreparedSearch, Storage]:
+    """Validate a search directory (a local path or a storage URI such as
+    ``s3://bucket/haqtune_runs/<id>``) and re-prepare its resolved config (writes nothing).
 
     ``tracking_uri`` redirects the search to a moved MLflow store. The store the search
     will write to must hold its experiment and runs (else HaqtuneError): resuming
@@ -557,7 +580,8 @@ def resume_plan(search_dir: str | Path, *, tracking_uri: str | None = None) -> t
         resolve_tracking_uri,
     )
 
-    search_dir = Path(search_dir).resolve()
+    search_dir = check_storage(search_dir if is_uri(search_dir) else Path(search_dir).resolve(),
+                               what="SEARCH_DIR")
     if not (search_dir / CONFIG_FILE).is_file() or not (search_dir / "tuner.pkl").is_file():
         raise HaqtuneError(
             f"{str(search_dir)!r} is not a haqtune search directory: expected {CONFIG_FILE} and "
@@ -566,7 +590,8 @@ def resume_plan(search_dir: str | Path, *, tracking_uri: str | None = None) -> t
     if (search_dir / SUMMARY_FILE).is_file():
         raise HaqtuneError(f"search {search_dir.name} already finished (its {SUMMARY_FILE} exists): "
                            "nothing to resume")
-    config = SearchConfig.from_yaml(search_dir / CONFIG_FILE)
+    # The storage as this machine reaches it (the search may have been started elsewhere).
+    config = read_config(search_dir).replace(storage_dir=str(search_dir.parent))
     if tracking_uri is not None:
         config = config.replace(tracking_uri=tracking_uri)
     uri = absolute_tracking_uri(resolve_tracking_uri(config.tracking_uri))
@@ -729,8 +754,7 @@ def summarize(results, context, plan: SearchPlan, tracker, started: float, echo,
     from orchestrator.searchers import SEARCHER_ARTIFACTS_DIR
 
     searcher_dir = plan.search_dir / SEARCHER_ARTIFACTS_DIR
-    if searcher_dir.is_dir():
-        artifacts.update({p.name: p.read_bytes() for p in sorted(searcher_dir.iterdir()) if p.is_file()})
+    artifacts.update({name: (searcher_dir / name).read_bytes() for name in searcher_dir.file_sizes()})
     try:
         from .report import search_artifacts
 
@@ -744,7 +768,7 @@ def summarize(results, context, plan: SearchPlan, tracker, started: float, echo,
         echo(f"haqtune: warning: plots skipped ({type(exc).__name__}: {exc})")
     tracker.log_summary(metrics, artifacts)
     # Last: its presence marks a search as finished (resume refuses it).
-    atomic_write_text(plan.search_dir / SUMMARY_FILE, json.dumps(summary, indent=1))
+    (plan.search_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=1))
     echo(f"haqtune: results in {plan.search_dir}")
     echo(f"haqtune: MLflow runs: {tracker.ui_hint()}")
     return summary

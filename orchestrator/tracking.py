@@ -3,8 +3,9 @@
 One experiment per study (classic ML kind), one parent run per search, one nested
 child run per trial. Everything is written from the driver by a Ray Tune callback
 with ``MlflowClient.log_batch`` (one call per report, not one per value). The
-trial -> run mapping is persisted in the search directory, so a resumed search
-reattaches to the same runs instead of duplicating them.
+trial -> run mapping is persisted in the search directory (local or a storage URI,
+``orchestrator/storage.py``), so a resumed search reattaches to the same runs instead
+of duplicating them.
 
 An unreachable tracking server never stops a search: every write is an operation
 in an ordered queue; each is sent with bounded exponential back-off, and while the
@@ -34,8 +35,8 @@ from ray.tune import Callback
 from search_spaces import config_from_policy, parse_policy
 from search_spaces import metrics as M
 
-from .config import atomic_write_text
 from .errors import HaqtuneError
+from .storage import Storage, is_uri, open_storage
 
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 # MLflow 3: "custom_model_development" is the classic ML / model-training experiment kind.
@@ -97,7 +98,7 @@ def absolute_tracking_uri(uri: str, cwd: str | os.PathLike | None = None) -> str
     return str((base / uri).resolve())
 
 
-def check_search_runs(uri: str, mapping_path: Path, *, search_id: str) -> None:
+def check_search_runs(uri: str, mapping_path: Path | Storage, *, search_id: str) -> None:
     """Refuse (HaqtuneError) a store that does not hold the runs a search logged.
 
     A search resumed against another store (another working directory, another
@@ -107,9 +108,10 @@ def check_search_runs(uri: str, mapping_path: Path, *, search_id: str) -> None:
     """
     from mlflow.entities import ViewType
 
-    if not Path(mapping_path).exists():
+    mapping_path = open_storage(mapping_path)
+    if not mapping_path.exists():
         return
-    state = json.loads(Path(mapping_path).read_text())
+    state = json.loads(mapping_path.read_text())
     expected = {state.get("parent_run_id"), *dict(state.get("trial_runs", {})).values()} - {None}
     if not expected:
         return  # nothing was logged yet (e.g. the store was unreachable): nothing to find
@@ -146,6 +148,19 @@ def _client(uri: str):
     from mlflow.tracking import MlflowClient
 
     return MlflowClient(tracking_uri=uri)
+
+
+def _log_artifact(client, run_id: str, path: str) -> None:
+    """Log the file at ``path`` (a local path or a storage URI, fetched to a temp
+    directory under its own name) as an artifact of ``run_id``."""
+    if not is_uri(path):
+        client.log_artifact(run_id, path)
+        return
+    import tempfile
+
+    source = open_storage(path)
+    with tempfile.TemporaryDirectory(prefix="haqtune-artifact-") as tmp:
+        client.log_artifact(run_id, str(source.download(Path(tmp) / source.name)))
 
 
 def _now_ms() -> int:
@@ -301,13 +316,13 @@ class MlflowTracker(Callback):
     """
 
     def __init__(self, *, tracking_uri: str, experiment: str, search_id: str, searcher: str,
-                 search_dir: Path, params: dict, config_path: Path | None = None,
+                 search_dir: Path | Storage, params: dict, config_path: Path | Storage | None = None,
                  retry: RetryPolicy | None = None, trial_params: dict | None = None) -> None:
         self.tracking_uri = tracking_uri
         self.experiment = experiment
         self.search_id = search_id
         self.searcher = searcher
-        self.search_dir = Path(search_dir)
+        self.search_dir = open_storage(search_dir)  # a local directory or a storage URI
         self.params = params
         self.config_path = config_path
         # Params every child run gets besides its bits (``haqtune generate``: target_acc).
@@ -352,7 +367,7 @@ class MlflowTracker(Callback):
     # ---- persistence ------------------------------------------------------------
 
     @property
-    def mapping_path(self) -> Path:
+    def mapping_path(self) -> Storage:
         return self.search_dir / RUN_MAP_FILE
 
     def _load_mapping(self) -> None:
@@ -368,7 +383,7 @@ class MlflowTracker(Callback):
             self.created_ms = state.get("created_ms", self.created_ms)
 
     def _save_mapping(self) -> None:
-        atomic_write_text(self.mapping_path, json.dumps({
+        self.mapping_path.write_text(json.dumps({  # atomic
             "experiment_id": self.experiment_id,
             "parent_run_id": self.parent_run_id,
             "trial_runs": self.trial_runs,
@@ -472,7 +487,7 @@ class MlflowTracker(Callback):
         elif kind == "end":
             self.client.set_terminated(run_id, status=op["status"], end_time=op["time"])
         elif kind == "artifact":
-            self.client.log_artifact(run_id, op["path"])
+            _log_artifact(self.client, run_id, op["path"])
         elif kind == "delete":
             self.client.delete_run(run_id)
         else:  # pragma: no cover
@@ -629,7 +644,6 @@ class MlflowTracker(Callback):
             return []
         last, _ = error_summary(trial)
         path = self.search_dir / "errors" / trial.trial_id / "error.txt"
-        path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(Path(local).read_text(errors="replace"))
         return [{"op": "artifact", "run": trial.trial_id, "path": str(path)},
                 {"op": "batch", "run": trial.trial_id, "tags": [[TAG_ERROR, last[:500]]]}]

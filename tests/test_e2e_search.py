@@ -98,6 +98,9 @@ def test_failed_trials_do_not_kill_the_search(tmp_path):
     (["search", "bad.yaml"], "dataset_options: {classes: 4, train_per_class: 150}",
      "expected at most 139 train + val images per class"),
     (["search", "--model", "mobilenet_v2", "--dataset", "mnist"], None, "takes 3-channel images"),
+    # storage (the S3 cases are in test_e2e_s3.py, against a local S3 server)
+    (["search", "--storage-dir", "foo://bucket/runs"], None, "storage_dir: cannot use 'foo://bucket/runs'"),
+    (["resume", "foo://bucket/runs/haq-1"], None, "SEARCH_DIR: cannot use 'foo://bucket/runs/haq-1'"),
     (["search", "bad.yaml"], "model: mobilenet_v2\ndataset: imagefolder\ndata_root: no_such_dir",
      "expected an ImageNet-layout folder with train/<class>/* and val/<class>/* images, got no train/"),
 ])

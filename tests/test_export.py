@@ -260,6 +260,15 @@ def test_cli_not_a_search_dir(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_cli_storage_uri_not_a_search_dir(tmp_path):
+    uri = f"file://{tmp_path}/runs/random-x"  # export from a bucket: tests/test_e2e_s3.py
+    result = _cli([uri])
+    assert result.exit_code == 2, result.output
+    assert result.output.strip() == (f"haqtune: error: {uri!r} is not a haqtune search directory: expected "
+                                     "config.yaml in it, as under s3://bucket/haqtune_runs/<search_id>/")
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_cli_unfinished_search_needs_trial(fake_search):
     (fake_search / "summary.json").unlink()
     result = _cli([fake_search])
