@@ -4,7 +4,9 @@
         [--surrogate separable|pairwise|both]
 
 A searcher entry may carry options: ``haq:updates_per_episode=2`` is HAQ's agent with the
-fast setting (2 DDPG updates per episode instead of HAQ's one per transition).
+fast setting (2 DDPG updates per episode instead of HAQ's one per transition),
+``haq:store_actions=evaluated`` the replay of evaluated (projected) bits instead of HAQ's
+drawn actions.
 
 Each searcher is driven directly, as Ray Tune would (``suggest(trial_id)`` then
 ``on_trial_complete(trial_id, result)``), with the ``SurrogateObjective`` as the
@@ -106,12 +108,18 @@ class SurrogateOracle:
 
 
 def parse_entry(entry: str) -> tuple[str, dict]:
-    """``"haq:updates_per_episode=2,warmup=10"`` -> ``("haq", {...})``; values are ints or floats."""
+    """``"haq:updates_per_episode=2,store_actions=evaluated"`` -> ``("haq", {...})``; values
+    are ints, floats or (anything else) strings."""
     name, _, rest = entry.partition(":")
     options = {}
     for item in filter(None, rest.split(",")):
         key, _, value = item.partition("=")
-        options[key] = float(value) if "." in value or "e" in value else int(value)
+        for kind in (int, float, str):
+            try:
+                options[key] = kind(value)
+                break
+            except ValueError:
+                continue
     return name, options
 
 

@@ -54,9 +54,11 @@ How a search maps onto HAQ (reference: mit-han-lab/haq, ``rl_quantize.py``,
   on a batch of ``batch_size`` transitions sampled from the replay buffer (HAQ's
   ``rmsize``: 128 steps per layer). The default (``updates_per_episode=None``) is HAQ's:
   one step per stored transition, 2L per episode. With the 300x300 networks one step
-  costs ~7-11 ms on one (shared) CPU core, ~1 s per MobileNetV2 episode: small beside a
-  trial that fine-tunes a network. ``updates_per_episode=2`` is the fast setting
-  (~15-25 ms per trial) for cheap objectives. HAQ interleaves the updates with the
+  costs ~2.8 ms CPU on one thread, ~0.3 s per MobileNetV2 episode (106 steps): small
+  beside a trial that fine-tunes a network. The step is compute-bound (~120 MFLOP of
+  batch-64 forward/backward passes; autograd and Python overhead are ~15% of it), so
+  only fewer steps make it cheaper: ``updates_per_episode=2`` is the fast setting
+  (~10-20 ms per trial) for cheap objectives. HAQ interleaves the updates with the
   episode's transitions (one stored, one update); here all 2L transitions are stored
   first, then the 2L updates run: the same data, a negligibly later update.
 - **Concurrency.** DDPG is off-policy: several trials can be in flight; each pending
