@@ -151,12 +151,13 @@ def test_defaults_are_haqs():
     assert (c.init_noise, c.noise_decay, c.replay_per_layer) == (0.5, 0.99, 128)
     assert c.store_actions == "drawn"  # HAQ's replay: the actions as drawn, before the projection
     assert s.replay.capacity == 128 * L
-    # HAQ's 20 warm-up episodes whatever the number of trials, and one DDPG update per
-    # stored transition (2L per episode).
+    # HAQ's 20 warm-up episodes whatever the number of trials; 8 DDPG updates per episode
+    # (the measured deviation), HAQ's one per stored transition (2L) with None.
     assert s.warmup == 20
-    assert s.updates_per_episode == 2 * L
+    assert s.updates_per_episode == 8
     problem = SearchProblem(layers=LAYERS)
     assert HAQSearcher(problem).warmup == 20
+    assert HAQSearcher(problem, updates_per_episode=None).updates_per_episode == 2 * L  # HAQ's rate
     assert HAQSearcher(problem, updates_per_episode=2).updates_per_episode == 2  # the fast setting
 
 
