@@ -3,8 +3,9 @@
     .venv/bin/python benchmarks/bench_searchers.py [--quick] [--searchers haq,tpe,random]
         [--surrogate separable|pairwise|both]
 
-A searcher entry may carry options: ``haq:updates_per_episode=2`` is HAQ's agent with the
-fast setting (2 DDPG updates per episode instead of HAQ's one per transition),
+A searcher entry may carry options: ``haq:updates_per_episode=none`` is HAQ's agent at
+HAQ's published update rate (one DDPG update per stored transition, 2L per episode,
+instead of the default 8), ``haq:updates_per_episode=2`` the fast setting,
 ``haq:store_actions=evaluated`` the replay of evaluated (projected) bits instead of HAQ's
 drawn actions.
 
@@ -109,11 +110,14 @@ class SurrogateOracle:
 
 def parse_entry(entry: str) -> tuple[str, dict]:
     """``"haq:updates_per_episode=2,store_actions=evaluated"`` -> ``("haq", {...})``; values
-    are ints, floats or (anything else) strings."""
+    are ints, floats, ``none`` (None) or (anything else) strings."""
     name, _, rest = entry.partition(":")
     options = {}
     for item in filter(None, rest.split(",")):
         key, _, value = item.partition("=")
+        if value.lower() in ("none", "null"):
+            options[key] = None
+            continue
         for kind in (int, float, str):
             try:
                 options[key] = kind(value)
