@@ -388,8 +388,13 @@ def merge_runs(dirs: list[Path], out: Path) -> None:
     merged = {**first, "commands": [], "results": {}, "seeds_done": [], "uniform": {}, "wall_time_s": 0.0}
     for run in runs:
         merged["commands"] += run["commands"]
-        merged["seeds_done"] += run["seeds_done"]
-        merged["uniform"].update(run["uniform"])
+        merged["seeds_done"] += [seed for seed in run["seeds_done"] if seed not in merged["seeds_done"]]
+        for seed, curve in run["uniform"].items():
+            # Runs split by accelerator price the same uniform policies on different hardware:
+            # same accuracies (same seed and reference), so only the costs are combined.
+            have = merged["uniform"].setdefault(seed, curve)
+            for bits, entry in curve["bits"].items():
+                have["bits"][bits]["costs"].update(entry["costs"])
         merged["wall_time_s"] = max(merged["wall_time_s"], run["wall_time_s"])
         for hardware, by_budget in run["results"].items():
             for budget, by_searcher in by_budget.items():
