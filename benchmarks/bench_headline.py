@@ -3,6 +3,7 @@
     .venv/bin/python benchmarks/bench_headline.py [--num-trials 60] [--seeds 0,1,2]
         [--searchers haq,sensitivity-dp] [--budgets 0.5] [--config configs/demo.yaml]
         [--set KEY=YAML ...] [--out benchmarks/headline]
+    .venv/bin/python benchmarks/bench_headline.py --merge DIR,DIR,... --out benchmarks/headline
 
 For each accelerator (``bismo-edge`` and ``bismo-cloud`` under a latency budget,
 ``bitfusion`` under an energy budget), each searcher, each budget (a fraction of the
@@ -274,10 +275,17 @@ def main(argv=None) -> None:
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "headline"))
     parser.add_argument("--report-only", action="store_true",
                         help="rebuild headline.md and the figures from --out's headline.json")
+    parser.add_argument("--merge", metavar="DIR,DIR,...",
+                        help="combine the headline.json of runs split over processes (e.g. one per "
+                        "seed, same settings) into --out's report and figures; the first holds the "
+                        "edge vs cloud policies")
     parser.add_argument("--work", help="work directory (default: a new temp dir); searches and uniform "
                         "curves already finished there are reused, so an interrupted run continues")
     args = parser.parse_args(argv)
 
+    if args.merge:
+        merge_runs([Path(d) for d in args.merge.split(",") if d], Path(args.out))
+        args.report_only = True
     if args.report_only:
         saved = json.loads((Path(args.out) / "headline.json").read_text())
         uniform = {int(s): {"ref_acc": u["ref_acc"], "bits": {int(b): v for b, v in u["bits"].items()}}
@@ -367,6 +375,37 @@ def main(argv=None) -> None:
                         write_report(out, config_data, args, searchers, budgets, [*done_seeds, seed],
                                      commands, results, uniform, best_policies, started)
             done_seeds.append(seed)
+
+
+def merge_runs(dirs: list[Path], out: Path) -> None:
+    """One headline.json from runs of the same grid split over processes (by seed)."""
+    runs = [json.loads((d / "headline.json").read_text()) for d in dirs]
+    first = runs[0]
+    for run, d in zip(runs[1:], dirs[1:], strict=True):
+        for key in ("config", "budgets", "num_trials", "searchers"):
+            if run[key] != first[key]:
+                raise SystemExit(f"--merge: {d} has {key}={run[key]!r}, expected {first[key]!r} as in {dirs[0]}")
+    merged = {**first, "commands": [], "results": {}, "seeds_done": [], "uniform": {}, "wall_time_s": 0.0}
+    for run in runs:
+        merged["commands"] += run["commands"]
+        merged["seeds_done"] += [seed for seed in run["seeds_done"] if seed not in merged["seeds_done"]]
+        for seed, curve in run["uniform"].items():
+            # Runs split by accelerator price the same uniform policies on different hardware:
+            # same accuracies (same seed and reference), so only the costs are combined.
+            have = merged["uniform"].setdefault(seed, curve)
+            for bits, entry in curve["bits"].items():
+                have["bits"][bits]["costs"].update(entry["costs"])
+        merged["wall_time_s"] = max(merged["wall_time_s"], run["wall_time_s"])
+        for hardware, by_budget in run["results"].items():
+            for budget, by_searcher in by_budget.items():
+                for searcher, rows in by_searcher.items():
+                    merged["results"].setdefault(hardware, {}).setdefault(budget, {}).setdefault(
+                        searcher, []).extend(rows)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "headline.json").write_text(json.dumps(merged, indent=1))
+    with open(out / "searches.log", "w") as log:
+        for d in dirs:
+            log.write((d / "searches.log").read_text())
 
 
 def write_report(out: Path, config_data: dict, args, searchers, budgets, seeds, commands, results,

@@ -3,8 +3,11 @@
     .venv/bin/python benchmarks/bench_searchers.py [--quick] [--searchers haq,tpe,random]
         [--surrogate separable|pairwise|both]
 
-A searcher entry may carry options: ``haq:updates_per_episode=2`` is HAQ's agent with the
-fast setting (2 DDPG updates per episode instead of HAQ's one per transition).
+A searcher entry may carry options: ``haq:updates_per_episode=none`` is HAQ's agent at
+HAQ's published update rate (one DDPG update per stored transition, 2L per episode,
+instead of the default 8), ``haq:updates_per_episode=2`` the fast setting,
+``haq:store_actions=evaluated`` the replay of evaluated (projected) bits instead of HAQ's
+drawn actions.
 
 Each searcher is driven directly, as Ray Tune would (``suggest(trial_id)`` then
 ``on_trial_complete(trial_id, result)``), with the ``SurrogateObjective`` as the
@@ -106,12 +109,21 @@ class SurrogateOracle:
 
 
 def parse_entry(entry: str) -> tuple[str, dict]:
-    """``"haq:updates_per_episode=2,warmup=10"`` -> ``("haq", {...})``; values are ints or floats."""
+    """``"haq:updates_per_episode=2,store_actions=evaluated"`` -> ``("haq", {...})``; values
+    are ints, floats, ``none`` (None) or (anything else) strings."""
     name, _, rest = entry.partition(":")
     options = {}
     for item in filter(None, rest.split(",")):
         key, _, value = item.partition("=")
-        options[key] = float(value) if "." in value or "e" in value else int(value)
+        if value.lower() in ("none", "null"):
+            options[key] = None
+            continue
+        for kind in (int, float, str):
+            try:
+                options[key] = kind(value)
+                break
+            except ValueError:
+                continue
     return name, options
 
 

@@ -135,6 +135,7 @@ def test_truncated_normal_stays_in_range_and_centres_on_mu():
     ({"warmup": -1}, r"warmup: expected an integer >= 0, got -1"),
     ({"noise_decay": 2.0}, "noise_decay: expected"),
     ({"updates_per_episode": True}, "updates_per_episode: expected"),
+    ({"store_actions": "projected"}, "store_actions: expected one of drawn, evaluated, got 'projected'"),
     ({"hiden1": 3}, "haq: unknown option 'hiden1': choose between"),
 ])
 def test_options_are_validated(options, match):
@@ -148,13 +149,15 @@ def test_defaults_are_haqs():
     assert (c.hidden1, c.hidden2, c.lr_actor, c.lr_critic, c.tau, c.discount, c.batch_size) == (
         300, 300, 1e-4, 1e-3, 0.01, 1.0, 64)
     assert (c.init_noise, c.noise_decay, c.replay_per_layer) == (0.5, 0.99, 128)
+    assert c.store_actions == "drawn"  # HAQ's replay: the actions as drawn, before the projection
     assert s.replay.capacity == 128 * L
-    # HAQ's 20 warm-up episodes whatever the number of trials, and one DDPG update per
-    # stored transition (2L per episode).
+    # HAQ's 20 warm-up episodes whatever the number of trials; 8 DDPG updates per episode
+    # (the measured deviation), HAQ's one per stored transition (2L) with None.
     assert s.warmup == 20
-    assert s.updates_per_episode == 2 * L
+    assert s.updates_per_episode == 8
     problem = SearchProblem(layers=LAYERS)
     assert HAQSearcher(problem).warmup == 20
+    assert HAQSearcher(problem, updates_per_episode=None).updates_per_episode == 2 * L  # HAQ's rate
     assert HAQSearcher(problem, updates_per_episode=2).updates_per_episode == 2  # the fast setting
 
 
@@ -241,8 +244,41 @@ def test_suggestions_are_projected_to_the_budget():
         np.testing.assert_array_equal(problem.project(policy), policy)
 
 
-def test_learns_from_the_evaluated_policy():
+def test_stores_the_drawn_actions_with_the_evaluated_policys_reward():
+    """HAQ's replay (the default): actions as drawn, states as the actor saw them while
+    drawing, the reward of the policy the trial evaluated (here far below the drawn bits)."""
     s = haq(warmup=10, **SMALL)  # warm-up: no updates, the replay is easy to read
+    assert s.config.store_actions == "drawn"
+    config = s.suggest("t0")
+    drawn = s._pending["t0"].actions.copy()
+    drawn_bits = action_to_bits(drawn, range_mask(MIN_BITS, MAX_BITS))
+    evaluated = np.full((L, 2), MIN_BITS)
+    assert not np.array_equal(drawn_bits, evaluated.reshape(-1))
+    result = fake_result(s.problem, config) | {M.POLICY: format_policy(evaluated),
+                                               M.VAL_ACC: 0.5, M.REF_ACC: 0.9}
+    s.on_trial_complete("t0", result)
+    n = 2 * L
+    np.testing.assert_allclose(s.replay.actions[:n, 0], drawn, rtol=1e-6)
+    np.testing.assert_allclose(s.replay.states[:n], episode_states(s.features, drawn_bits, MAX_BITS))
+    np.testing.assert_allclose(s.replay.next_states[: n - 1], s.replay.states[1:n])
+    np.testing.assert_allclose(s.replay.rewards[:n, 0], 0.1 * 100.0 * (0.5 - 0.9), rtol=1e-6)
+    assert s.replay.not_done[:n, 0].tolist() == [1.0] * (n - 1) + [0.0]
+
+
+def test_checkpoints_from_before_store_actions_restore_as_evaluated(tmp_path):
+    s = haq(store_actions="evaluated", **SMALL)
+    path = str(tmp_path / "haq.ckpt")
+    s.save(path)
+    state = torch.load(path, weights_only=True)
+    del state["config"]["store_actions"]  # as written before the option existed
+    torch.save(state, path)
+    fresh = HAQSearcher(make_problem())
+    fresh.restore(path)
+    assert fresh.config.store_actions == "evaluated"
+
+
+def test_learns_from_the_evaluated_policy():
+    s = haq(warmup=10, store_actions="evaluated", **SMALL)  # warm-up: no updates, the replay is easy to read
     config = s.suggest("t0")
     evaluated = np.full((L, 2), MIN_BITS)
     evaluated[0] = (MAX_BITS, MIN_BITS + 1)

@@ -34,23 +34,41 @@ How a search maps onto HAQ (reference: mit-han-lab/haq, ``rl_quantize.py``,
 - **Baseline**, as HAQ: before each gradient step the sampled batch's mean reward
   updates a moving average (``baseline_alpha=0.5``), which is subtracted from the
   batch's rewards.
-- **Learning from the evaluated policy.** The result's ``policy`` text (the policy
-  the trial actually evaluated; our own projection if absent) defines the stored
-  transitions: states are rebuilt from the evaluated bits (so "previous action"
-  matches), and an action whose bits were changed by the projection is replaced by
-  the centre of the evaluated bitwidth's bin; actions the projection kept are
-  stored as drawn. HAQ stored the pre-projection actions, i.e. it learned from
-  policies it never measured.
+- **What the replay stores** (``store_actions``). Default ``"drawn"``, as HAQ: every
+  step's action as drawn, in the state the actor saw while drawing it (previous action =
+  the drawn, pre-projection bits), with the reward of the policy the trial evaluated
+  (the projected one; the result's ``policy`` text, else our own projection). The
+  critic thus learns what an action is worth *after* the budget projection it
+  triggers: raising an early layer's bits makes the projection cut later layers, and
+  that cost shows up in the reward of the raised action. ``"evaluated"`` stores the
+  evaluated policy instead (states rebuilt from the evaluated bits, an action the
+  projection changed replaced by the centre of the evaluated width's bin): the
+  critic then only sees policies inside the budget, never learns that high actions
+  trigger cuts elsewhere, and with HAQ's update rate the actor drifts to 8/8 bits
+  everywhere, which the projection turns into ~4/4 (``benchmarks/RESULTS.md``,
+  "Surrogate regret": 2.0 vs 1.0 points on seed 0). It was this searcher's default
+  before; checkpoints written then restore with it.
 - **Updates.** After each completed episode, once ``warmup`` episodes have completed:
   ``updates_per_episode`` DDPG steps (critic MSE to r + discount * (1 - done) *
   Q'(s', mu'(s')), actor ascends Q(s, mu(s)), soft target updates with ``tau``), each
   on a batch of ``batch_size`` transitions sampled from the replay buffer (HAQ's
-  ``rmsize``: 128 steps per layer). The default (``updates_per_episode=None``) is HAQ's:
-  one step per stored transition, 2L per episode. With the 300x300 networks one step
-  costs ~7-11 ms on one (shared) CPU core, ~1 s per MobileNetV2 episode: small beside a
-  trial that fine-tunes a network. ``updates_per_episode=2`` is the fast setting
-  (~15-25 ms per trial) for cheap objectives; on the surrogate benchmark
-  (``benchmarks/bench_searchers.py``) 2L steps reached a lower regret than 2.
+  ``rmsize``: 128 steps per layer). HAQ's rate is one step per stored transition, 2L
+  per episode (``updates_per_episode=None``); the default is 8, our one deviation from
+  HAQ's hyperparameters, measured on the surrogate benchmark (``benchmarks/RESULTS.md``,
+  "Surrogate regret", MobileNetV2, 200 trials, 5 seeds, regret separable / pairwise):
+  0 steps (no learning: the initial actor plus decaying noise) 1.00 / 0.98 points, 2
+  steps 0.58 / 0.45, 8 steps 0.45 / 0.42, 26 steps 0.51 / 0.51, 2L = 106 steps 1.76 /
+  1.65 (std over seeds 1.3 / 1.1: 0.4-4.3 points). Our reading, not proven: a few
+  hundred episodes of one shared reward per episode give the critic little to go on,
+  and at 2L steps the actor follows the critic's errors to a near-deterministic policy
+  before the noise has explored (``discount=0`` instead of HAQ's 1 did worse still at
+  2L steps: 3.10 / 2.59, so the 2L-step bootstrap chain is not the cause). One step costs ~2.8 ms CPU on one thread (300x300 networks,
+  batch 64), ~25 ms per episode at 8 steps, ~0.3 s at 2L for MobileNetV2: the step is
+  compute-bound (~120 MFLOP of forward/backward passes; autograd and Python overhead
+  are ~15% of it), so only fewer steps make it cheaper. HAQ interleaves its updates
+  with the episode's transitions (one stored, one update); here the episode's
+  transitions are stored first, then the steps run: the same data, a negligibly later
+  update.
 - **Concurrency.** DDPG is off-policy: several trials can be in flight; each pending
   episode keeps its actions until its result arrives, in whatever order.
 - **Early stopping.** A trial stopped early by ASHA still calls ``on_trial_complete``
@@ -318,9 +336,16 @@ class HAQSearcher(SearchPropertiesMixin, Searcher):
         return REWARD_FACTOR * self.config.reward_scale * score
 
     def _store(self, episode: _Episode, policy: np.ndarray, reward: float) -> None:
-        bits_seq = self.problem.allowed.snap(np.clip(policy, MIN_BITS, MAX_BITS)).reshape(-1)
         drawn_bits = action_to_bits(episode.actions, self.allowed_mask)
-        actions = np.where(drawn_bits == bits_seq, episode.actions, bits_to_action(bits_seq, self.allowed_mask))
+        if self.config.store_actions == "drawn":
+            # HAQ: the actions as drawn, in the states the actor saw while drawing them; the
+            # reward is the evaluated (projected) policy's, so the critic learns what an
+            # action is worth *after* the budget projection it triggers.
+            bits_seq, actions = drawn_bits, episode.actions
+        else:
+            bits_seq = self.problem.allowed.snap(np.clip(policy, MIN_BITS, MAX_BITS)).reshape(-1)
+            actions = np.where(drawn_bits == bits_seq, episode.actions,
+                               bits_to_action(bits_seq, self.allowed_mask))
         states = episode_states(self.features, bits_seq, self.problem.max_bits)
         next_states = np.concatenate([states[1:], states[-1:]])  # last: terminal, unused
         not_done = np.ones(self.num_steps, dtype=np.float32)
@@ -436,6 +461,8 @@ class HAQSearcher(SearchPropertiesMixin, Searcher):
         config = dict(state["config"])
         if config.get("warmup") is None:  # written when None meant "derive from num_trials"
             config["warmup"] = state["warmup"]
+        # Written before the option existed, when the replay always held the evaluated bits.
+        config.setdefault("store_actions", "evaluated")
         self._setup(HAQConfig(**config))
         self._metric, self._mode = state["metric"], state["mode"]
         self.warmup = state["warmup"]
