@@ -64,7 +64,7 @@ def _sync(device: torch.device) -> None:
 def plain_samples_per_s(model, dataset, *, device, batch_size: int, steps: int, warmup: int,
                         workers: int, amp: str, seed: int) -> float:
     """The reference loop: what a PyTorch user writes for the same model and data."""
-    from trainables.training import autocast, make_grad_scaler
+    from trainables.training import autocast, make_grad_scaler, optimizer_step
 
     model = model.to(device).train()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, nesterov=True)
@@ -82,14 +82,7 @@ def plain_samples_per_s(model, dataset, *, device, batch_size: int, steps: int, 
             x, y = x.to(device, non_blocking=pin), y.to(device, non_blocking=pin)
             with autocast(amp, device):
                 loss = F.cross_entropy(model(x), y)
-            optimizer.zero_grad(set_to_none=True)
-            if scaler is not None:
-                scaler.scale(loss).backward()
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                loss.backward()
-                optimizer.step()
+            optimizer_step(loss, optimizer, scaler)  # the same backward/step as a trial
             done += 1
             if done == warmup + steps:
                 break

@@ -148,6 +148,18 @@ def evaluate(model: nn.Module, dataset, *, device: torch.device, batch_size: int
     return correct / max(total, 1)
 
 
+def optimizer_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer, scaler=None) -> None:
+    """One backward pass and optimizer step; through ``scaler`` (fp16 autocast) when given."""
+    optimizer.zero_grad(set_to_none=True)
+    if scaler is not None:
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        loss.backward()
+        optimizer.step()
+
+
 def train_epoch(model: nn.Module, data: DataSplits, optimizer: torch.optim.Optimizer,
                 settings: TrainSettings, *, generator: torch.Generator, device: torch.device,
                 scheduler=None, scaler=None, num_workers: int = DEFAULT_LOADER_WORKERS) -> float:
@@ -164,14 +176,7 @@ def train_epoch(model: nn.Module, data: DataSplits, optimizer: torch.optim.Optim
             loss = F.cross_entropy(model(x), y)
         if not torch.isfinite(loss):
             raise DivergedError(f"loss became {loss.item()} at step {steps}")
-        optimizer.zero_grad(set_to_none=True)
-        if scaler is not None:
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            loss.backward()
-            optimizer.step()
+        optimizer_step(loss, optimizer, scaler)
         if scheduler is not None:
             scheduler.step()
         total += loss.item()
