@@ -378,14 +378,16 @@ def main(argv=None) -> None:
 
 
 def merge_runs(dirs: list[Path], out: Path) -> None:
-    """One headline.json from runs of the same grid split over processes (by seed)."""
+    """One headline.json from runs of the same grid split over processes (by seed,
+    accelerator or budget: the budgets are the union of the runs')."""
     runs = [json.loads((d / "headline.json").read_text()) for d in dirs]
     first = runs[0]
     for run, d in zip(runs[1:], dirs[1:], strict=True):
-        for key in ("config", "budgets", "num_trials", "searchers"):
+        for key in ("config", "num_trials", "searchers"):
             if run[key] != first[key]:
                 raise SystemExit(f"--merge: {d} has {key}={run[key]!r}, expected {first[key]!r} as in {dirs[0]}")
-    merged = {**first, "commands": [], "results": {}, "seeds_done": [], "uniform": {}, "wall_time_s": 0.0}
+    merged = {**first, "commands": [], "results": {}, "seeds_done": [], "uniform": {}, "wall_time_s": 0.0,
+              "budgets": sorted({b for run in runs for b in run["budgets"]})}
     for run in runs:
         merged["commands"] += run["commands"]
         merged["seeds_done"] += [seed for seed in run["seeds_done"] if seed not in merged["seeds_done"]]
