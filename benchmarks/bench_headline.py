@@ -127,7 +127,8 @@ def uniform_curve(config_data: dict, hardware_names, seed: int, storage: Path) -
         model=config.model, dataset=config.dataset, model_kwargs=prepared.model_kwargs,
         input_size=config.input_size, layer_names=tuple(s.name for s in prepared.layers),
         reference_state=state, ref_acc=ref_acc, table=prepared.table, budget=None,
-        finetune=config.finetune, seed=config.seed, min_bits=1, max_bits=8,
+        # Trained like the searches' final evaluations: HAQ's final fine-tune when set.
+        finetune=config.final_finetune or config.finetune, seed=config.seed, min_bits=1, max_bits=8,
         data_root=config.resolved(tracking_uri="").data_root, quant=config.quant_options())
     out = {"ref_acc": ref_acc, "bits": {}}
     for bits in UNIFORM_BITS:
@@ -359,6 +360,7 @@ def main(argv=None) -> None:
                             "reduction_x": eight[key] / best[key],
                             "loss_points": (eight[M.TEST_ACC] - best[M.TEST_ACC]) * POINTS,
                             "best_val_acc": best[M.VAL_ACC], "best_test_acc": best[M.TEST_ACC],
+                            "search_val_acc": best.get("search_val_acc", best[M.VAL_ACC]),
                             "uniform8_test_acc": eight[M.TEST_ACC], "policy": best[M.POLICY],
                             "trials": summary["num_trials"], "wall_s": time.time() - t0,
                         }

@@ -63,9 +63,12 @@ def main() -> None:
 @click.option("--max-bits", type=int)
 @click.option("--weights", help="Pretrained reference: a torchvision weights name (local torch cache) "
               "or a checkpoint file; evaluated, not retrained (reference.weights).")
+@click.option("--final-epochs", type=int, help="HAQ's final fine-tune: the best policies and uniform 8-bit "
+              "train this many epochs (the search's fine-tune settings otherwise) before the test split "
+              "(default: the config's final_finetune; none: test the trials' own checkpoints).")
 @click.option("--dry-run", is_flag=True, help="Print the plan (layers, MACs, 8-bit cost, budget, trials, "
               "resources) and exit; runs and writes nothing.")
-def search(config_file, dry_run, weights, **flags) -> None:
+def search(config_file, dry_run, weights, final_epochs, **flags) -> None:
     """Run a search (CONFIG_FILE: YAML in configs/; none = the embedded demo)."""
     from .config import SearchConfig
 
@@ -76,6 +79,11 @@ def search(config_file, dry_run, weights, **flags) -> None:
             import dataclasses
 
             config = config.replace(reference=dataclasses.replace(config.reference, weights=weights))
+        if final_epochs is not None:
+            import dataclasses
+
+            base = config.final_finetune or config.finetune
+            config = config.replace(final_finetune={**dataclasses.asdict(base), "epochs": final_epochs})
         from .search import prepare
 
         prepared = prepare(config)

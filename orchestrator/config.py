@@ -83,6 +83,11 @@ class SearchConfig:
     fix_first_last: bool | None = None
     reference: ReferenceSettings = field(default_factory=_default_reference)  # + weights: pretrained
     finetune: TrainConfig = field(default_factory=_default_finetune)
+    # HAQ's protocol: the search ranks policies by the brief ``finetune``; afterwards the
+    # best ``test_top_k`` policies and uniform 8-bit are fine-tuned longer from the
+    # reference (HAQ: 30 epochs) before the test split. A mapping of training settings
+    # (missing keys taken from ``finetune``), or None: test the trials' own checkpoints.
+    final_finetune: TrainConfig | None = None
     searcher_options: dict = field(default_factory=dict)
     experiment: str = "haqtune"
     tracking_uri: str | None = None
@@ -146,7 +151,10 @@ class SearchConfig:
                 raise HaqtuneError(f"{name}: expected a non-negative number, got {value!r}")
         if self.cpus_per_trial == 0 and self.gpus_per_trial == 0:
             raise HaqtuneError("cpus_per_trial: a trial needs a CPU or a GPU, got 0 of both")
-        for name in ("reference", "finetune"):
+        if self.final_finetune is not None and not isinstance(self.final_finetune, TrainConfig):
+            object.__setattr__(self, "final_finetune",
+                               _train_config("final_finetune", self.final_finetune, self.finetune))
+        for name in ("reference", "finetune", "final_finetune"):
             # fp16 needs a GradScaler'd CUDA step; a CPU-only search can say so now.
             if getattr(getattr(self, name), "amp", "off") == "fp16" and self.gpus_per_trial == 0:
                 raise HaqtuneError(f"{name}.amp: fp16 runs on GPUs only and trials run on the CPU "
@@ -221,6 +229,9 @@ class SearchConfig:
         for name in ("reference", "finetune"):
             if name in kwargs:
                 kwargs[name] = _train_config(name, kwargs[name], getattr(cls(), name))
+        if kwargs.get("final_finetune") is not None:  # unset keys: the search's own fine-tune
+            kwargs["final_finetune"] = _train_config("final_finetune", kwargs["final_finetune"],
+                                                     kwargs.get("finetune", _default_finetune()))
         return cls(**kwargs)
 
     @classmethod

@@ -52,6 +52,9 @@ def format_plan(prepared: PreparedSearch) -> str:
         f"budget:    {budget}",
         f"finetune:  {f.epochs} epochs, lr {f.lr:g}, batch {f.batch_size}"
         f"{f', at most {f.max_steps_per_epoch} steps/epoch' if f.max_steps_per_epoch else ''}",
+        "final:     " + (f"the best {config.test_top_k} and uniform 8-bit fine-tuned {g.epochs} epochs, "
+                         f"lr {g.lr:g}, batch {g.batch_size}, then tested" if (g := config.final_finetune)
+                         else f"the best {config.test_top_k} trials' own checkpoints tested"),
         f"resources: {config.cpus_per_trial:g} CPU + {config.gpus_per_trial:g} GPU per trial, "
         f"{at_once} trials at once, Ray {config.address or 'local'}",
         f"same cost: {cost_command(prepared)}",

@@ -31,6 +31,8 @@ from .storage import Storage, check_storage, is_uri, open_storage
 CONFIG_FILE = "config.yaml"
 SUMMARY_FILE = "summary.json"
 CACHE_DIR = "_cache"  # reference models, shared by every search under one storage dir
+# ``final_finetune``'s model of a ranked trial, beside Tune's checkpoint_00000N of that trial.
+FINAL_CHECKPOINT_DIR = "checkpoint_final"
 REFERENCE_NODE = "reference_node"  # TrialContext.extra key: where the reference ran (node_info)
 
 
@@ -633,6 +635,8 @@ def evaluate_best(results, plan: SearchPlan, context, frame, echo) -> list[dict]
     rows = [dict(row) for row in frame.to_dict("records")
             if checkpoints.get(row["trial_id"]) is not None and checkpoint_exists(checkpoints[row["trial_id"]])]
     best = ranked_trials(rows, config.test_top_k)
+    if config.final_finetune is not None:
+        return final_finetune_best(best, plan, context, echo)
 
     from trainables.node import node_info
 
@@ -659,9 +663,65 @@ def evaluate_best(results, plan: SearchPlan, context, frame, echo) -> list[dict]
     return out
 
 
-def evaluate_uniform8(plan: SearchPlan, context) -> dict:
-    """The uniform 8-bit policy fine-tuned and test-evaluated like a trial, in a Ray task
-    with a trial's resources (nothing heavy runs in the driver)."""
+def final_context(plan: SearchPlan, context):
+    """The context the summary's evaluations train with: ``final_finetune`` when set."""
+    final = plan.config.final_finetune
+    return context if final is None else dataclasses.replace(context, finetune=final)
+
+
+def final_finetune_best(best: list[dict], plan: SearchPlan, context, echo) -> list[dict]:
+    """HAQ's final step for the ranked policies: each is fine-tuned ``final_finetune`` from
+    the reference (a Ray task with a trial's resources), saved as
+    ``trial_<id>/checkpoint_final`` in the search's storage (what ``export`` loads) and tested.
+
+    The rows are then ordered by their validation accuracy after that fine-tune, so the
+    first is the one a user would deploy, chosen without the test split: a policy that led
+    the search by a lucky short fine-tune (a winner's curse on 360 images) is re-measured.
+    """
+    import tempfile
+
+    import ray
+
+    from trainables.trial import CHECKPOINT_FILE
+
+    from .remote import ProgressLine, gather
+
+    config = plan.config
+    shared = ray.put(final_context(plan, context))
+    threads = max(1, int(config.cpus_per_trial))
+
+    @ray.remote(num_cpus=config.cpus_per_trial, num_gpus=config.gpus_per_trial)
+    def final_task(ctx, policy, target: Storage):
+        from trainables.node import node_info
+        from trainables.trial import final_finetune
+
+        with tempfile.TemporaryDirectory() as tmp:
+            metrics = final_finetune(ctx, policy, tmp, num_threads=threads)
+            (target / CHECKPOINT_FILE).upload(Path(tmp) / CHECKPOINT_FILE)
+        return {**metrics, "node": node_info()}
+
+    from search_spaces import parse_policy
+
+    targets = [plan.search_dir / f"trial_{row['trial_id']}" / FINAL_CHECKPOINT_DIR for row in best]
+    refs = [final_task.remote(shared, np.asarray(parse_policy(row[M.POLICY])), target)
+            for row, target in zip(best, targets, strict=True)]
+    tuned = gather(refs, ProgressLine(f"final fine-tune ({config.final_finetune.epochs} epochs)", len(best),
+                                      "policies", echo) if best else None)
+    out = []
+    for row, result, target in zip(best, tuned, targets, strict=True):
+        out.append({"trial_id": row["trial_id"], M.VAL_ACC: result[M.VAL_ACC], M.TEST_ACC: result[M.TEST_ACC],
+                    "search_val_acc": row[M.VAL_ACC], M.ACC_DROP: result[M.ACC_DROP],
+                    **{k: row[k] for k in (M.LATENCY_MS, M.ENERGY_MJ, M.SIZE_MB, M.REWARD)},
+                    M.POLICY: row[M.POLICY], "checkpoint": str(target),
+                    "checkpoint_val_acc": result[M.VAL_ACC], "node": result["node"]})
+    out.sort(key=lambda r: -r[M.VAL_ACC])  # stable: the search's order among equals
+    return out
+
+
+def submit_uniform8(plan: SearchPlan, context):
+    """The uniform 8-bit policy fine-tuned (``final_finetune`` when set) and test-evaluated
+    like the best ones, in a Ray task with a trial's resources (nothing heavy runs in the
+    driver); returns its ObjectRef, so it runs alongside the final evaluations."""
     import ray
 
     from trainables import evaluate_on_test
@@ -674,7 +734,7 @@ def evaluate_uniform8(plan: SearchPlan, context) -> dict:
 
         return {**evaluate_on_test(ctx, ctx.table.uniform(8), project=False), "node": node_info()}
 
-    return ray.get(evaluate_task.remote(context))
+    return evaluate_task.remote(final_context(plan, context))
 
 
 def summarize(results, context, plan: SearchPlan, tracker, started: float, echo,
@@ -683,11 +743,14 @@ def summarize(results, context, plan: SearchPlan, tracker, started: float, echo,
     print, log, write ``summary.json`` into the search directory."""
     import json
 
+    import ray
+
     from trainables.node import node_info
     from trainables.trial import policy_costs
 
     config, search_id = plan.config, plan.search_id
     frame = results_frame(results)
+    eight_ref = submit_uniform8(plan, context) if config.test_top_k > 0 else None
     best_rows = evaluate_best(results, plan, context, frame, echo)
     reference = policy_costs(context.table, context.table.uniform(8))
     # Where the heavy steps ran (none of them in the driver): see orchestrator/remote.py.
@@ -698,7 +761,7 @@ def summarize(results, context, plan: SearchPlan, tracker, started: float, echo,
         # it is what every reduction is measured against), so the accuracy loss vs 8-bit
         # can be read off any search.
         try:
-            eight = evaluate_uniform8(plan, context)
+            eight = ray.get(eight_ref)
             reference = {**reference, M.VAL_ACC: eight[M.VAL_ACC], M.TEST_ACC: eight[M.TEST_ACC]}
             nodes["uniform_8bit"] = eight["node"]
         except Exception as exc:  # a comparison point: a failed fine-tune must not lose the search
@@ -722,6 +785,10 @@ def summarize(results, context, plan: SearchPlan, tracker, started: float, echo,
              + (f"; best policy's test_acc loss vs 8-bit: "
                 f"{(reference[M.TEST_ACC] - best_rows[0][M.TEST_ACC]) * 100:.2f} points" if best_rows else ""))
     if best_rows:
+        if config.final_finetune is not None:
+            echo(f"haqtune: final fine-tune ({config.final_finetune.epochs} epochs) of the best "
+                 f"{len(best_rows)} and uniform 8-bit; ranked by val_acc after it (the search's "
+                 "val_acc: search_val_acc in summary.json)")
         echo(format_best_table(best_rows, reference))
     from orchestrator.searchers import searcher_info
 
@@ -737,6 +804,8 @@ def summarize(results, context, plan: SearchPlan, tracker, started: float, echo,
                   if key in reference}}
     if best_rows:
         b = best_rows[0]
+        if "search_val_acc" in b:
+            metrics["best_search_val_acc"] = b["search_val_acc"]
         metrics.update({"best_val_acc": b[M.VAL_ACC], "best_test_acc": b[M.TEST_ACC],
                         "best_acc_drop": b[M.ACC_DROP], f"best_{M.LATENCY_MS}": b[M.LATENCY_MS],
                         f"best_{M.ENERGY_MJ}": b[M.ENERGY_MJ], f"best_{M.SIZE_MB}": b[M.SIZE_MB]})

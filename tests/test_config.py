@@ -48,6 +48,9 @@ def test_roundtrip_through_yaml(tmp_path):
     ("bits: {}", "bits: expected a mapping with keys w and/or a"),
     ("min_bits: 4\nbits: {w: [2, 4]}", r"bits.w: expected bit widths in \[4, 8\], got 2"),
     ("fix_first_last: maybe", "fix_first_last: expected true or false"),
+    ("final_finetune: {epochs: -1}", "final_finetune.epochs"),
+    ("final_finetune: 30", "final_finetune: expected a mapping"),
+    ("final_finetune: {epoch: 30}", "final_finetune: unknown setting"),
 ])
 def test_bad_config_files(tmp_path, content, message):
     path = tmp_path / "bad.yaml"
@@ -126,3 +129,26 @@ def test_max_concurrent_auto_fits_the_cluster():
     assert fit_concurrency({"CPU": 2.0}, cpus_per_trial=1, gpus_per_trial=0, num_trials=60) == 2
     # No GPU yet (an autoscaler adds GPU nodes for pending trials): one trial, not zero.
     assert fit_concurrency({"CPU": 4.0}, cpus_per_trial=1, gpus_per_trial=1, num_trials=60) == 1
+
+
+def test_final_finetune_takes_unset_keys_from_the_search_finetune(tmp_path):
+    cfg = SearchConfig.from_dict({"finetune": {"epochs": 1, "lr": 0.02, "batch_size": 32},
+                                  "final_finetune": {"epochs": 30}})
+    assert cfg.final_finetune == TrainConfig(epochs=30, lr=0.02, batch_size=32)
+    assert SearchConfig().final_finetune is None  # default: test the trials' own checkpoints
+    cfg.write_yaml(tmp_path / "c.yaml")  # a resumed search reads the same settings back
+    assert SearchConfig.from_yaml(tmp_path / "c.yaml") == cfg
+    with pytest.raises(HaqtuneError, match="fp16 runs on GPUs only"):
+        SearchConfig.from_dict({"final_finetune": {"epochs": 3, "amp": "fp16"}})
+
+
+def test_final_epochs_flag(tmp_path):
+    from click.testing import CliRunner
+
+    from orchestrator.cli import main
+
+    result = CliRunner().invoke(main, ["search", "--final-epochs", "12", "--dry-run"])
+    assert result.exit_code == 0, result.output
+    assert "final:     the best 3 and uniform 8-bit fine-tuned 12 epochs, lr 0.01, batch 64" in result.output
+    result = CliRunner().invoke(main, ["search", "--final-epochs", "-1", "--dry-run"])
+    assert result.exit_code == 2 and "final_finetune.epochs" in result.output

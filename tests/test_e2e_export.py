@@ -16,6 +16,7 @@ num_trials: 2
 max_concurrent: 2
 reference: {epochs: 3, lr: 0.05, batch_size: 64}
 finetune: {epochs: 1, lr: 0.01, batch_size: 64}
+final_finetune: {epochs: 3}
 budget: latency=0.6
 """
 
@@ -38,6 +39,23 @@ def test_search_then_export_both_formats(tmp_path):
     summary = json.loads((search_dir / "summary.json").read_text())
     best = summary["best"][0]
     (parent,), _ = runs_of(uri)
+
+    # HAQ's final fine-tune: each ranked policy trained 3 more epochs into its own
+    # checkpoint (not the trial's), ranked by its val_acc after it; the search's is kept.
+    from trainables.trial import load_quantized_checkpoint
+
+    vals = [row["val_acc"] for row in summary["best"]]
+    assert vals == sorted(vals, reverse=True)
+    for row in summary["best"]:
+        final = search_dir / f"trial_{row['trial_id']}" / "checkpoint_final"
+        assert row["checkpoint"] == str(final)
+        _, saved = load_quantized_checkpoint(final)
+        assert saved["metrics"]["val_acc"] == row["val_acc"] and saved["metrics"]["policy"] == row["policy"]
+        trial_ckpt = sorted((search_dir / f"trial_{row['trial_id']}").glob("checkpoint_0*"))[-1]
+        _, trial = load_quantized_checkpoint(trial_ckpt)
+        assert trial["metrics"]["val_acc"] == row["search_val_acc"]
+        assert any(not torch.equal(trial["state_dict"][k], saved["state_dict"][k]) for k in saved["state_dict"]
+                   if saved["state_dict"][k].is_floating_point())
 
     proc = run_cli(["export", search_dir, "--format", "both"], tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]

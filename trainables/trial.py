@@ -274,6 +274,29 @@ def evaluate_checkpoint(directory, *, dataset: str, data_root: str, input_size: 
             "metrics": saved["metrics"]}
 
 
+def final_finetune(context: TrialContext, policy, directory, *, num_threads: int = 1) -> dict:
+    """HAQ's last step: fine-tune ``policy`` (as given, already inside the budget) from the
+    reference with ``context.finetune`` (the search's ``final_finetune`` settings), save it as
+    a trial checkpoint in ``directory`` (what ``haqtune export`` loads) and measure val and test.
+
+    The seed is the policy's, as in a trial: the same policy always trains the same way.
+    """
+    policy = np.asarray(policy, dtype=np.int64)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(1, int(num_threads)))
+    try:
+        model, data, device, val_acc = finetune_policy(context, policy)
+        metrics = trial_metrics(context, policy, val_acc)
+        save_quantized_checkpoint(directory, model, context=context, policy=policy, metrics=metrics)
+        # Tested as saved (reloaded, like `haqtune export` does): the number reported is
+        # the one of the file a user deploys.
+        saved, _ = load_quantized_checkpoint(directory)
+        test_acc = evaluate(saved.to(device), data.test, device=device)
+    finally:
+        torch.set_num_threads(threads)
+    return {**metrics, M.TEST_ACC: test_acc}
+
+
 def parse_faults(text: str | None) -> dict[int, tuple[str, int | None]]:
     """``HAQTUNE_TEST_FAULTS`` -> ``{trial_index: (kind, times or None)}`` (see module docstring)."""
     faults: dict[int, tuple[str, int | None]] = {}
