@@ -21,6 +21,35 @@ budget: latency=0.6
 """
 
 
+def uniform8(search_dir, *, epochs: int) -> tuple[float, float]:
+    """(val_acc, test_acc) of uniform 8-bit fine-tuned ``epochs`` in-process from the
+    search's cached reference model (the search's own seed and settings otherwise)."""
+    import dataclasses
+
+    from orchestrator.config import SearchConfig
+    from orchestrator.search import CACHE_DIR, prepare
+    from search_spaces import metrics as M
+    from trainables import TrialContext, build_model, evaluate_on_test
+    from trainables.data import load_dataset
+    from trainables.training import pick_device, reference_key, train_reference
+
+    config = SearchConfig.from_yaml(search_dir / "config.yaml")
+    prepared = prepare(config)
+    data = load_dataset(config.dataset, root=config.data_root)
+    state, ref_acc, _ = train_reference(
+        lambda: build_model(config.model, seed=config.seed, **prepared.model_kwargs).model, data,
+        config.reference, seed=config.seed, cache_dir=search_dir.parent / CACHE_DIR,
+        key=reference_key(model=config.model, dataset=config.dataset, **prepared.model_kwargs),
+        device=pick_device(0))
+    context = TrialContext(
+        model=config.model, dataset=config.dataset, model_kwargs=prepared.model_kwargs, input_size=None,
+        layer_names=tuple(s.name for s in prepared.layers), reference_state=state, ref_acc=ref_acc,
+        table=prepared.table, budget=None, finetune=dataclasses.replace(config.finetune, epochs=epochs),
+        seed=config.seed, data_root=config.data_root, quant=config.quant_options())
+    result = evaluate_on_test(context, prepared.table.uniform(8), project=False)
+    return result[M.VAL_ACC], result[M.TEST_ACC]
+
+
 def test_search_then_export_both_formats(tmp_path):
     import mlflow
     from mlflow import search_logged_models
@@ -56,6 +85,9 @@ def test_search_then_export_both_formats(tmp_path):
         assert trial["metrics"]["val_acc"] == row["search_val_acc"]
         assert any(not torch.equal(trial["state_dict"][k], saved["state_dict"][k]) for k in saved["state_dict"]
                    if saved["state_dict"][k].is_floating_point())
+    # Uniform 8-bit, the loss's reference point, got the same final fine-tune.
+    eight = summary["uniform_8bit"]
+    assert (eight["val_acc"], eight["test_acc"]) == uniform8(search_dir, epochs=3)
 
     proc = run_cli(["export", search_dir, "--format", "both"], tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
