@@ -805,8 +805,11 @@ def summarize(results, context, plan: SearchPlan, tracker, started: float, echo,
     if best_rows:
         b = best_rows[0]
         if "search_val_acc" in b:
-            metrics["best_search_val_acc"] = b["search_val_acc"]
-        metrics.update({"best_val_acc": b[M.VAL_ACC], "best_test_acc": b[M.TEST_ACC],
+            # After a final fine-tune: its val_acc of the policy deployed; best_val_acc stays
+            # the search's best (the best-so-far curve's last point, at the same step).
+            metrics["final_val_acc"] = b[M.VAL_ACC]
+        metrics.update({"best_val_acc": max(r.get("search_val_acc", r[M.VAL_ACC]) for r in best_rows),
+                        "best_test_acc": b[M.TEST_ACC],
                         "best_acc_drop": b[M.ACC_DROP], f"best_{M.LATENCY_MS}": b[M.LATENCY_MS],
                         f"best_{M.ENERGY_MJ}": b[M.ENERGY_MJ], f"best_{M.SIZE_MB}": b[M.SIZE_MB]})
         for key in M.COST_METRICS:

@@ -85,6 +85,10 @@ def test_search_then_export_both_formats(tmp_path):
         assert trial["metrics"]["val_acc"] == row["search_val_acc"]
         assert any(not torch.equal(trial["state_dict"][k], saved["state_dict"][k]) for k in saved["state_dict"]
                    if saved["state_dict"][k].is_floating_point())
+    metrics = MlflowClient(uri).get_run(parent.info.run_id).data.metrics
+    assert metrics["final_val_acc"] == pytest.approx(best["val_acc"], abs=1e-4)
+    assert metrics["best_test_acc"] == pytest.approx(best["test_acc"], abs=1e-4)
+    assert metrics["best_val_acc"] == pytest.approx(max(r["search_val_acc"] for r in summary["best"]), abs=1e-4)
     # Uniform 8-bit, the loss's reference point, got the same final fine-tune.
     eight = summary["uniform_8bit"]
     assert (eight["val_acc"], eight["test_acc"]) == uniform8(search_dir, epochs=3)
