@@ -87,12 +87,25 @@ def run_search(base_config: Path, *, searcher: str, hardware: str, budget: str, 
     return summary, cmd
 
 
-def finished_searches(storage: Path) -> dict:
-    """Searches already finished under ``storage``: (searcher, hardware, budget, seed, trials) ->
-    (summary, command), read back from their resolved ``config.yaml`` and ``summary.json``."""
+# Set per search on the command line or by the run itself: not part of "the same settings".
+PER_SEARCH_KEYS = {"searcher", "hardware", "budget", "seed", "num_trials", "storage_dir", "experiment",
+                   "tracking_uri", "data_root"}
+
+
+def finished_searches(storage: Path, config_data: dict) -> dict:
+    """Searches already finished under ``storage`` with the settings of ``config_data``:
+    (searcher, hardware, budget, seed, trials) -> (summary, command), read back from their
+    resolved ``config.yaml`` and ``summary.json``. A search run with other settings (say
+    another ``bits``) is not reused."""
+    from orchestrator.config import SearchConfig
+
+    wanted = SearchConfig.from_dict(config_data)
     out = {}
     for summary_path in sorted(storage.glob("*/summary.json")):
         config = yaml.safe_load((summary_path.parent / "config.yaml").read_text())
+        ran = SearchConfig.from_dict(config)
+        if any(getattr(ran, k) != getattr(wanted, k) for k in set(config_data) - PER_SEARCH_KEYS):
+            continue
         summary = json.loads(summary_path.read_text())
         key = (config["searcher"], config["hardware"], str(config["budget"]), int(config["seed"]),
                int(config["num_trials"]))
@@ -314,7 +327,7 @@ def main(argv=None) -> None:
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="haqtune-headline-"))
     work.mkdir(parents=True, exist_ok=True)
     storage = work / "runs"
-    finished = finished_searches(storage)
+    finished = finished_searches(storage, config_data)
     base_config = work / "config.yaml"
     base_config.write_text(yaml.safe_dump(config_data, sort_keys=False))
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{work / 'mlflow.db'}",
