@@ -70,18 +70,16 @@ def main() -> None:
               "resources) and exit; runs and writes nothing.")
 def search(config_file, dry_run, weights, final_epochs, **flags) -> None:
     """Run a search (CONFIG_FILE: YAML in configs/; none = the embedded demo)."""
+    import dataclasses
+
     from .config import SearchConfig
 
     try:
         config = SearchConfig.from_yaml(config_file) if config_file else SearchConfig()
         config = config.replace(**flags)
         if weights is not None:
-            import dataclasses
-
             config = config.replace(reference=dataclasses.replace(config.reference, weights=weights))
         if final_epochs is not None:
-            import dataclasses
-
             base = config.final_finetune or config.finetune
             config = config.replace(final_finetune={**dataclasses.asdict(base), "epochs": final_epochs})
         from .search import prepare

@@ -695,9 +695,13 @@ def final_finetune_best(best: list[dict], plan: SearchPlan, context, echo) -> li
         from trainables.node import node_info
         from trainables.trial import final_finetune
 
-        with tempfile.TemporaryDirectory() as tmp:
-            metrics = final_finetune(ctx, policy, tmp, num_threads=threads)
-            (target / CHECKPOINT_FILE).upload(Path(tmp) / CHECKPOINT_FILE)
+        try:
+            with tempfile.TemporaryDirectory() as tmp:
+                metrics = final_finetune(ctx, policy, tmp, num_threads=threads)
+                (target / CHECKPOINT_FILE).upload(Path(tmp) / CHECKPOINT_FILE)
+        except Exception as exc:  # one policy's failure must not lose the finished search
+            last = str(exc).strip().splitlines()[-1] if str(exc).strip() else ""
+            return {"error": f"{type(exc).__name__}: {last}"[:300]}
         return {**metrics, "node": node_info()}
 
     from search_spaces import parse_policy
@@ -709,6 +713,10 @@ def final_finetune_best(best: list[dict], plan: SearchPlan, context, echo) -> li
                                       "policies", echo) if best else None)
     out = []
     for row, result, target in zip(best, tuned, targets, strict=True):
+        if "error" in result:
+            echo(f"haqtune: warning: the final fine-tune of trial {row['trial_id']} failed "
+                 f"({result['error']}); it is left out of the best policies")
+            continue
         out.append({"trial_id": row["trial_id"], M.VAL_ACC: result[M.VAL_ACC], M.TEST_ACC: result[M.TEST_ACC],
                     "search_val_acc": row[M.VAL_ACC], M.ACC_DROP: result[M.ACC_DROP],
                     **{k: row[k] for k in (M.LATENCY_MS, M.ENERGY_MJ, M.SIZE_MB, M.REWARD)},

@@ -374,7 +374,7 @@ def test_pareto_front_matches_brute_force():
 @pytest.mark.slow
 @pytest.mark.parametrize(("searcher", "budget", "expected_trials"), [
     ("uniform", "latency=0.6", 8),  # 8 uniform policies: FINISHED ends the search early
-    ("nsga2", "none", 12),
+    ("nsga2", "none", 8),
     # sensitivity-dp runs through the CLI in tests/test_cluster.py (its measurement on
     # worker nodes, max_concurrent trials at once, every trial in MLflow).
 ])
@@ -382,8 +382,10 @@ def test_search_through_the_cli(tmp_path, searcher, budget, expected_trials):
     from e2e import run_cli, runs_of
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    proc = run_cli(["search", "--searcher", searcher, "--num-trials", 12, "--hardware", "bismo-cloud",
-                    "--budget", budget, "--tracking-uri", uri], tmp_path)
+    # Small on purpose (2 shared cores): what is checked is the searcher's path through the CLI.
+    (tmp_path / "small.yaml").write_text("reference: {epochs: 3}\nfinetune: {epochs: 1}\ntest_top_k: 1\n")
+    proc = run_cli(["search", "small.yaml", "--searcher", searcher, "--num-trials", 12 if searcher == "uniform" else 8,
+                    "--hardware", "bismo-cloud", "--budget", budget, "--tracking-uri", uri], tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     parents, children = runs_of(uri)
     assert len(parents) == 1 and parents[0].data.tags["haqtune.searcher"] == searcher

@@ -29,7 +29,9 @@ from e2e import run_cli
 pytestmark = [pytest.mark.slow, pytest.mark.cluster]
 
 # Small: the test is about where files go and what a resume keeps, not about accuracy.
-SEARCH_YAML = ("searcher: random\nnum_trials: {n}\ntest_top_k: 1\n"
+# tpe: the Optuna path's resume (its study restored, no trial suggested twice) is checked
+# here; tests/test_e2e_resume.py checks haq's on a local directory.
+SEARCH_YAML = ("searcher: tpe\nnum_trials: {n}\ntest_top_k: 1\n"
                "reference: {{epochs: 4}}\nfinetune: {{epochs: 1}}\n")
 
 
@@ -150,6 +152,12 @@ def test_killed_s3_search_resumes_from_another_directory(tmp_path, s3):
         assert after.data.metrics["val_acc"] == run.data.metrics["val_acc"]
         assert tune_rows.loc[tid, "val_acc"] == pytest.approx(run.data.metrics["val_acc"], abs=0)
         assert tune_rows.loc[tid, "policy"] == run.data.params["policy"]
+    # The Optuna study came back whole: every trial once, none suggested again.
+    import pickle
+
+    state = max(key for key in s3.keys(f"runs/{search_id}") if key.split("/")[-1].startswith("searcher-state-"))
+    study = pickle.loads(s3.read_bytes(state))["_ot_study"]
+    assert len(study.trials) == n and sum(t.state.name == "COMPLETE" for t in study.trials) == n
     # The resumed config names the storage as the resuming machine reached it.
     assert "endpoint_override=" in s3.read_text(f"runs/{search_id}/config.yaml")
 
