@@ -314,7 +314,7 @@ def speed() -> None:
         print(f"| {label} on {hw} | {len(layers)} | {med[0]:.1f} | {med[1]:.1f} | {med[2]:.1f} | {med[3]:.1f} |")
 
 
-def surrogate_part(quick: bool, seeds=None) -> None:
+def surrogate_part(quick: bool, seeds=None, tpe_cap: int = TPE_CAP) -> None:
     layers = layers_of("mobilenet_v2", 224)
     table_a = hardware.get_cost_model("bismo-cloud").table(layers)
     budget = Budget("latency_ms", 0.5, relative=True)
@@ -360,7 +360,8 @@ def surrogate_part(quick: bool, seeds=None) -> None:
             points.append((f"{hw} {text}", problem_b, evaluate_b, reachable))
         cost_per_design_point(f"surrogate seed {seed}", searcher.model, points,
                               measured=(np.stack(hist_p), np.array(hist_a)),
-                              tpe_seeds=range(1 if quick else SURROGATE_TPE_SEEDS), history_trials=HISTORY_TRIALS)
+                              tpe_seeds=range(1 if quick else SURROGATE_TPE_SEEDS), history_trials=HISTORY_TRIALS,
+                              tpe_cap=tpe_cap)
 
 
 def demo_part(quick: bool, experiment: str, tracking_uri: str | None, per_target: int,
@@ -493,6 +494,9 @@ def main(argv=None) -> None:
     parser.add_argument("--cache", help="demo: JSON file of real fine-tunes (policy -> val_acc per search id), "
                         "read and extended: an interrupted run resumes")
     parser.add_argument("--per-target", type=int, default=PER_TARGET, help="policies per target")
+    parser.add_argument("--tpe-cap", type=int, default=TPE_CAP,
+                        help="surrogate: trials a fresh tpe search may take per design point (a point it "
+                        "does not reach counts the cap, so the cost ratio is a lower bound)")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     import optuna
@@ -501,7 +505,7 @@ def main(argv=None) -> None:
     if args.part in ("speed", "all"):
         speed()
     if args.part in ("surrogate", "all"):
-        surrogate_part(args.quick, args.seeds)
+        surrogate_part(args.quick, args.seeds, args.tpe_cap)
     if args.part in ("demo", "all"):
         demo_part(args.quick, args.experiment, args.tracking_uri, args.per_target, args.cache)
 
