@@ -22,17 +22,18 @@ import torch
 from scipy.stats import spearmanr
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench_headline import local_context  # noqa: E402
 
 import trainables.trial as trial_module  # noqa: E402
 from orchestrator.config import SearchConfig  # noqa: E402
-from orchestrator.search import CACHE_DIR, prepare  # noqa: E402
+from orchestrator.search import prepare  # noqa: E402
 from orchestrator.searchers._aqgan import RidgePredictor  # noqa: E402
 from orchestrator.searchers.aqgan import load_generator  # noqa: E402
 from search_spaces import metrics as M  # noqa: E402
 from search_spaces import parse_policy  # noqa: E402
-from trainables import TrialContext, build_model, evaluate_on_test  # noqa: E402
-from trainables.data import load_dataset  # noqa: E402
-from trainables.training import pick_device, reference_key, train_reference  # noqa: E402
+from trainables import evaluate_on_test  # noqa: E402
 
 COMMON_SEEDS = (1000, 1001)
 
@@ -44,18 +45,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
     config = SearchConfig.from_yaml(args.search / "config.yaml").replace(budget="none")
-    prepared = prepare(config)
-    data = load_dataset(config.dataset, root=config.data_root, input_size=config.input_size)
-    state, ref_acc, _ = train_reference(
-        lambda: build_model(config.model, seed=config.seed, **prepared.model_kwargs).model, data,
-        config.reference, seed=config.seed, cache_dir=args.search.parent / CACHE_DIR,
-        key=reference_key(model=config.model, dataset=config.dataset, **prepared.model_kwargs),
-        device=pick_device(0))
-    context = TrialContext(
-        model=config.model, dataset=config.dataset, model_kwargs=prepared.model_kwargs,
-        input_size=config.input_size, layer_names=tuple(s.name for s in prepared.layers),
-        reference_state=state, ref_acc=ref_acc, table=prepared.table, budget=None,
-        finetune=config.finetune, seed=config.seed, data_root=config.data_root, quant=config.quant_options())
+    context = local_context(config, prepare(config), args.search.parent, finetune=config.finetune)
     _, extra = load_generator(args.search / "aqgan_generator.pt")
     hist_p, hist_a = extra["policies"].numpy(), extra["accs"].numpy()
     seen = {p.astype(np.int8).tobytes() for p in hist_p}
