@@ -145,19 +145,24 @@ def test_killed_s3_search_resumes_from_another_directory(tmp_path, s3):
     tune_rows = pd.read_csv(StringIO(s3.read_text(f"runs/{search_id}/results.csv"))).set_index("trial_id")
     assert len(tune_rows) == n and set(tune_rows.index) == set(runs_after)
     trial_dirs = {key.split("/")[2] for key in s3.keys(f"runs/{search_id}") if key.split("/")[2].startswith("trial_")}
-    assert trial_dirs == {f"trial_{tid}" for tid in runs_after}  # Tune's trials live in the bucket
+    # Tune's trials live in the bucket. A trial that had just started when the driver was
+    # killed, before any experiment state recorded it, may leave its directory behind (no
+    # MLflow run, no result); resume runs a new trial in its place.
+    assert {f"trial_{tid}" for tid in runs_after} <= trial_dirs
+    assert len(trial_dirs) - n <= 2  # at most the trials in flight at the kill (2 at a time)
     for tid, run in finished_before.items():
         after = runs_after[tid]
         assert after.info.run_id == run.info.run_id  # the same run, not a re-created one
         assert after.data.metrics["val_acc"] == run.data.metrics["val_acc"]
         assert tune_rows.loc[tid, "val_acc"] == pytest.approx(run.data.metrics["val_acc"], abs=0)
         assert tune_rows.loc[tid, "policy"] == run.data.params["policy"]
-    # The Optuna study came back whole: every trial once, none suggested again.
+    # The Optuna study came back whole: each of the n trials completed in it exactly once
+    # (a suggestion in flight at the kill may stay RUNNING there, never evaluated).
     import pickle
 
     state = max(key for key in s3.keys(f"runs/{search_id}") if key.split("/")[-1].startswith("searcher-state-"))
     study = pickle.loads(s3.read_bytes(state))["_ot_study"]
-    assert len(study.trials) == n and sum(t.state.name == "COMPLETE" for t in study.trials) == n
+    assert sum(t.state.name == "COMPLETE" for t in study.trials) == n and len(study.trials) <= n + 2
     # The resumed config names the storage as the resuming machine reached it.
     assert "endpoint_override=" in s3.read_text(f"runs/{search_id}/config.yaml")
 
