@@ -663,6 +663,12 @@ def evaluate_best(results, plan: SearchPlan, context, frame, echo) -> list[dict]
     return out
 
 
+def last_line(exc: BaseException) -> str:
+    """The last line of an exception's message (a remote traceback's own error), or ""."""
+    text = str(exc).strip()
+    return text.splitlines()[-1] if text else ""
+
+
 def final_context(plan: SearchPlan, context):
     """The context the summary's evaluations train with: ``final_finetune`` when set."""
     final = plan.config.final_finetune
@@ -700,8 +706,7 @@ def final_finetune_best(best: list[dict], plan: SearchPlan, context, echo) -> li
                 metrics = final_finetune(ctx, policy, tmp, num_threads=threads)
                 (target / CHECKPOINT_FILE).upload(Path(tmp) / CHECKPOINT_FILE)
         except Exception as exc:  # one policy's failure must not lose the finished search
-            last = str(exc).strip().splitlines()[-1] if str(exc).strip() else ""
-            return {"error": f"{type(exc).__name__}: {last}"[:300]}
+            return {"error": f"{type(exc).__name__}: {last_line(exc)}"[:300]}
         return {**metrics, "node": node_info()}
 
     from search_spaces import parse_policy
@@ -773,7 +778,7 @@ def summarize(results, context, plan: SearchPlan, tracker, started: float, echo,
             reference = {**reference, M.VAL_ACC: eight[M.VAL_ACC], M.TEST_ACC: eight[M.TEST_ACC]}
             nodes["uniform_8bit"] = eight["node"]
         except Exception as exc:  # a comparison point: a failed fine-tune must not lose the search
-            last = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+            last = last_line(exc) or type(exc).__name__
             echo(f"haqtune: warning: the uniform 8-bit policy's fine-tune failed ({last}); "
                  "its test accuracy is not reported")
     summary = {
