@@ -115,34 +115,10 @@ def finished_searches(storage: Path, config_data: dict) -> dict:
     return out
 
 
-def local_context(config, prepared, storage: Path, *, finetune):
-    """A TrialContext for in-process evaluations (no Ray) with the reference model the
-    searches under ``storage`` use (the same cache key and directory: the very same
-    weights; trained and cached if missing), fine-tuning with ``finetune``."""
-    from orchestrator.search import CACHE_DIR
-    from trainables import TrialContext, build_model
-    from trainables.data import load_dataset
-    from trainables.training import pick_device, reference_key, train_reference
-
-    data_root = config.resolved(tracking_uri="").data_root
-    data = load_dataset(config.dataset, root=data_root, input_size=config.input_size)
-    state, ref_acc, _ = train_reference(
-        lambda: build_model(config.model, seed=config.seed, **prepared.model_kwargs).model,
-        data, config.reference, seed=config.seed, cache_dir=storage / CACHE_DIR,
-        key=reference_key(model=config.model, dataset=config.dataset, **prepared.model_kwargs),
-        device=pick_device(0))
-    return TrialContext(
-        model=config.model, dataset=config.dataset, model_kwargs=prepared.model_kwargs,
-        input_size=config.input_size, layer_names=tuple(s.name for s in prepared.layers),
-        reference_state=state, ref_acc=ref_acc, table=prepared.table, budget=None,
-        finetune=finetune, seed=config.seed, min_bits=1, max_bits=8, data_root=data_root,
-        quant=config.quant_options())
-
-
 def uniform_curve(config_data: dict, hardware_names, seed: int, storage: Path) -> dict:
     """Test accuracy of uniform k-bit policies (fine-tuned, not projected) and their costs."""
     from orchestrator.config import SearchConfig
-    from orchestrator.search import prepare
+    from orchestrator.search import local_context, prepare
     from trainables import evaluate_on_test
     from trainables.trial import policy_costs
 

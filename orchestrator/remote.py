@@ -196,17 +196,40 @@ def run_reference(job: ReferenceJob, cache: ReferenceCache, *, cpus: float, gpus
     import ray
 
     task = ray.remote(reference_task).options(num_cpus=cpus, num_gpus=gpus, max_retries=0)
+
+    def messages(cached):
+        try:
+            for ref in task.remote(job, cached):
+                yield ray.get(ref)
+        except ray.exceptions.RayError as exc:
+            raise _task_error(exc, "reference model") from None
+
+    return _cached_reference(job, cache, messages, echo)
+
+
+def local_reference(job: ReferenceJob, cache: ReferenceCache, *, echo=None) -> tuple[dict, float]:
+    """``run_reference`` in this process (no Ray): the same task, cache key and cache entry,
+    for benchmarks and tests that evaluate policies beside a search. ``(state_dict, val_acc)``."""
+    import torch
+
+    threads = torch.get_num_threads()  # reference_task sets its worker's; this process keeps its own
+    try:
+        state, val_acc, _node = _cached_reference(job, cache, lambda cached: reference_task(job, cached), echo)
+    finally:
+        torch.set_num_threads(threads)
+    return state, val_acc
+
+
+def _cached_reference(job: ReferenceJob, cache: ReferenceCache, messages, echo) -> tuple[dict, float, dict]:
+    """Runs ``messages(cached)`` (``reference_task``'s stream, wherever it runs) and keeps
+    the cache: writes a trained entry, reads a cached one."""
     cached = cache.names()
     for _ in range(2):  # a second run only if a cached entry turned out unreadable
         progress = ProgressLine("reference training", job.settings.epochs, "epochs", echo)
         message = None
-        try:
-            for ref in task.remote(job, cached):
-                message = ray.get(ref)
-                if "epoch" in message:
-                    progress.update(message["epoch"])
-        except ray.exceptions.RayError as exc:
-            raise _task_error(exc, "reference model") from None
+        for message in messages(cached):
+            if "epoch" in message:
+                progress.update(message["epoch"])
         if message["result"] == "trained":
             cache.write(message["name"], message["payload"], message["state_dict"], message["val_acc"])
             return message["state_dict"], float(message["val_acc"]), message["node"]

@@ -385,33 +385,60 @@ def resolve_concurrency(plan: SearchPlan, echo) -> SearchPlan:
     return dataclasses.replace(plan, config=config.replace(max_concurrent=n))
 
 
-def build_reference(plan: SearchPlan, prepared: PreparedSearch, echo):
-    """The full-precision reference (from the cache, pretrained, or trained) and the trials'
-    context. Trained or evaluated in a Ray task with a trial's resources, never in the
-    driver (``orchestrator/remote.py``); ``context.extra[REFERENCE_NODE]`` says where."""
+def reference_job(config: SearchConfig, prepared: PreparedSearch):
+    """What the reference task needs to train (or load) this config's reference model."""
+    from .remote import ReferenceJob
+
+    return ReferenceJob(model=config.model, model_kwargs=dict(prepared.model_kwargs), dataset=config.dataset,
+                        data_root=config.data_root, input_size=config.input_size,
+                        dataset_options=dict(config.dataset_options), settings=config.reference,
+                        seed=config.seed, gpus=config.gpus_per_trial, threads=max(1, int(config.cpus_per_trial)))
+
+
+def trial_context(config: SearchConfig, prepared: PreparedSearch, state: dict, ref_acc: float, **changes):
+    """The trials' context: the reference (``state``, ``ref_acc``) and what a trial needs of the config."""
     from trainables import TrialContext
 
-    from .remote import ReferenceJob, run_reference
-
-    config = plan.config
-    job = ReferenceJob(model=config.model, model_kwargs=dict(prepared.model_kwargs), dataset=config.dataset,
-                       data_root=config.data_root, input_size=config.input_size,
-                       dataset_options=dict(config.dataset_options), settings=config.reference,
-                       seed=config.seed, gpus=config.gpus_per_trial, threads=max(1, int(config.cpus_per_trial)))
-    # Pretrained weights (reference.weights) are evaluated as they are; otherwise trained once.
-    state, ref_acc, node = run_reference(job, reference_cache(plan), cpus=config.cpus_per_trial,
-                                         gpus=config.gpus_per_trial, echo=echo)
-    echo(f"haqtune: full-precision reference val_acc={ref_acc:.4f}"
-         f"{' (pretrained: ' + config.reference.weights + ', not retrained)' if config.reference.weights else ''}")
-    return TrialContext(
+    context = TrialContext(
         model=config.model, dataset=config.dataset, model_kwargs=prepared.model_kwargs,
         input_size=config.input_size, layer_names=tuple(s.name for s in prepared.layers),
         reference_state=state, ref_acc=ref_acc, table=prepared.table, budget=config.budget,
         finetune=config.finetune, seed=config.seed,
         min_bits=config.min_bits, max_bits=config.max_bits, data_root=config.data_root,
         gpus_per_trial=config.gpus_per_trial, allowed=prepared.allowed,
-        dataset_options=dict(config.dataset_options), quant=config.quant_options(),
-        extra={REFERENCE_NODE: node})
+        dataset_options=dict(config.dataset_options), quant=config.quant_options())
+    return dataclasses.replace(context, **changes)
+
+
+def build_reference(plan: SearchPlan, prepared: PreparedSearch, echo):
+    """The full-precision reference (from the cache, pretrained, or trained) and the trials'
+    context. Trained or evaluated in a Ray task with a trial's resources, never in the
+    driver (``orchestrator/remote.py``); ``context.extra[REFERENCE_NODE]`` says where."""
+    from .remote import run_reference
+
+    config = plan.config
+    # Pretrained weights (reference.weights) are evaluated as they are; otherwise trained once.
+    state, ref_acc, node = run_reference(reference_job(config, prepared), reference_cache(plan),
+                                         cpus=config.cpus_per_trial, gpus=config.gpus_per_trial, echo=echo)
+    echo(f"haqtune: full-precision reference val_acc={ref_acc:.4f}"
+         f"{' (pretrained: ' + config.reference.weights + ', not retrained)' if config.reference.weights else ''}")
+    return trial_context(config, prepared, state, ref_acc, extra={REFERENCE_NODE: node})
+
+
+def local_context(config: SearchConfig, prepared: PreparedSearch, storage: str | Path, *, echo=None,
+                  **changes):
+    """``build_reference`` in this process, without Ray: the trials' context of ``config``
+    with the reference model its searches under ``storage`` share (the same cache entry:
+    the very weights they fine-tune from; trained and cached there if missing). For
+    benchmarks and tests that evaluate policies next to a search
+    (``trainables.evaluate_on_test``). ``changes``: TrialContext fields to override (``finetune``)."""
+    from .remote import ReferenceCache, local_reference
+
+    config = config.resolved(tracking_uri=config.tracking_uri)  # absolute data root, as a search keeps it
+    state, ref_acc = local_reference(reference_job(config, prepared),
+                                     ReferenceCache(open_storage(str(storage)) / CACHE_DIR),
+                                     echo=echo)
+    return trial_context(config, prepared, state, ref_acc, **changes)
 
 
 def reference_cache(plan: SearchPlan):

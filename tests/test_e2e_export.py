@@ -27,25 +27,18 @@ def uniform8(search_dir, *, epochs: int) -> tuple[float, float]:
     import dataclasses
 
     from orchestrator.config import SearchConfig
-    from orchestrator.search import CACHE_DIR, prepare
+    from orchestrator.search import local_context, prepare
     from search_spaces import metrics as M
-    from trainables import TrialContext, build_model, evaluate_on_test
-    from trainables.data import load_dataset
-    from trainables.training import pick_device, reference_key, train_reference
+    from trainables import evaluate_on_test
 
     config = SearchConfig.from_yaml(search_dir / "config.yaml")
     prepared = prepare(config)
-    data = load_dataset(config.dataset, root=config.data_root)
-    state, ref_acc, _ = train_reference(
-        lambda: build_model(config.model, seed=config.seed, **prepared.model_kwargs).model, data,
-        config.reference, seed=config.seed, cache_dir=search_dir.parent / CACHE_DIR,
-        key=reference_key(model=config.model, dataset=config.dataset, **prepared.model_kwargs),
-        device=pick_device(0))
-    context = TrialContext(
-        model=config.model, dataset=config.dataset, model_kwargs=prepared.model_kwargs, input_size=None,
-        layer_names=tuple(s.name for s in prepared.layers), reference_state=state, ref_acc=ref_acc,
-        table=prepared.table, budget=None, finetune=dataclasses.replace(config.finetune, epochs=epochs),
-        seed=config.seed, data_root=config.data_root, quant=config.quant_options())
+    cache = search_dir.parent / "_cache"
+    cached = sorted(p.name for p in cache.iterdir())
+    context = local_context(config, prepared, search_dir.parent,
+                            finetune=dataclasses.replace(config.finetune, epochs=epochs))
+    # The search's own reference, read from its cache: not a second one trained here.
+    assert sorted(p.name for p in cache.iterdir()) == cached
     result = evaluate_on_test(context, prepared.table.uniform(8), project=False)
     return result[M.VAL_ACC], result[M.TEST_ACC]
 

@@ -22,13 +22,10 @@ import torch
 from scipy.stats import spearmanr
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from bench_headline import local_context  # noqa: E402
 
 import trainables.trial as trial_module  # noqa: E402
 from orchestrator.config import SearchConfig  # noqa: E402
-from orchestrator.search import prepare  # noqa: E402
+from orchestrator.search import local_context, prepare  # noqa: E402
 from orchestrator.searchers._aqgan import RidgePredictor  # noqa: E402
 from orchestrator.searchers.aqgan import load_generator  # noqa: E402
 from search_spaces import metrics as M  # noqa: E402
