@@ -25,6 +25,13 @@ class AnalyticCostModel:
     # every bit). None: every width 1-8 has its own cost (bit-serial hardware).
     natural_bits: tuple[int, ...] | None = None
 
+    def __init__(self, *, name: str, description: str, config) -> None:
+        """``config``: the accelerator's frozen parameters (a dataclass with ``default_batch``)."""
+        self.name = name
+        self.description = description
+        self.config = config
+        self.default_batch = config.default_batch
+
     def grid_costs(
         self, specs: Sequence[LayerSpec], w_bits: np.ndarray, a_bits: np.ndarray, batch: int
     ) -> tuple[np.ndarray, np.ndarray]:

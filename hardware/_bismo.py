@@ -156,12 +156,6 @@ BISMO_EDGE_NATIVE = dataclasses.replace(BISMO_EDGE, mapping="bismo-native")
 class BismoCostModel(AnalyticCostModel):
     """Roofline model of one BISMO instance (see the module docstring)."""
 
-    def __init__(self, *, name: str, description: str, config: BismoConfig) -> None:
-        self.name = name
-        self.description = description
-        self.config = config
-        self.default_batch = config.default_batch
-
     def grid_costs(
         self, specs: Sequence[LayerSpec], w_bits, a_bits, batch: int
     ) -> tuple[np.ndarray, np.ndarray]:

@@ -141,12 +141,6 @@ class BitFusionCostModel(AnalyticCostModel):
 
     natural_bits = NATURAL_BITS
 
-    def __init__(self, *, name: str, description: str, config: BitFusionConfig) -> None:
-        self.name = name
-        self.description = description
-        self.config = config
-        self.default_batch = config.default_batch
-
     def grid_costs(
         self, specs: Sequence[LayerSpec], w_bits, a_bits, batch: int
     ) -> tuple[np.ndarray, np.ndarray]:
