@@ -9,6 +9,7 @@ seeding, exact continuation after restore, the exported generator, and the CLI e
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 
@@ -27,7 +28,7 @@ from orchestrator.searchers.aqgan import (
     project_many,
     van_der_corput,
 )
-from search_spaces import Budget, policy_cost, policy_from_config
+from search_spaces import AllowedBits, Budget, policy_cost, policy_from_config
 
 FAST = {"train_steps": 60, "hidden": 32}
 
@@ -197,6 +198,11 @@ def test_restore_after_training_continues_exactly(tmp_path):
     for s in (searcher, restored):
         s.on_trial_complete("pending", fake_result(problem, pending))
     assert run_trials(restored, problem, ["n0", "n1", "n2"]) == run_trials(searcher, problem, ["n0", "n1", "n2"])
+    # Same layers and bit range, but first and last layers fixed at 8 bits: another space.
+    fixed = dataclasses.replace(make_problem(seed=1), allowed=AllowedBits.build(
+        len(LAYERS), min_bits=problem.min_bits, max_bits=problem.max_bits, fix_first_last=True))
+    with pytest.raises(ValueError, match=r"aqgan checkpoint .* expected a search over 6 layers with bits .*\(layers 0, 5\)"):
+        make_searcher("aqgan", fixed, **FAST).restore(path)
 
 
 def test_options_are_validated():

@@ -113,3 +113,33 @@ def evaluated_policy(result: dict, suggested: np.ndarray) -> np.ndarray:
         if policy.shape == np.shape(suggested):
             return policy
     return suggested
+
+
+def space_state(problem: SearchProblem) -> dict:
+    """What a checkpoint must match to be restored into a searcher for ``problem``."""
+    return {"keys": problem.keys, "min_bits": problem.min_bits, "max_bits": problem.max_bits,
+            "allowed": problem.allowed.to_state()}
+
+
+def check_checkpoint(name: str, path, state: dict, version: int, problem: SearchProblem) -> None:
+    """A searcher checkpoint's format ``version`` and search space, checked against this
+    search's (``name`` says whose checkpoint in the message)."""
+    if state.get("version") != version:
+        raise ValueError(f"{name} checkpoint {path}: expected version {version}, got {state.get('version')!r}")
+    check_space(name, path, {**state["space"], "keys": list(state["space"]["keys"])}, problem)
+
+
+def check_space(name: str, path, saved: dict, problem: SearchProblem) -> None:
+    mine = space_state(problem)
+    saved = dict(saved)
+    if "allowed" not in saved and len(saved["keys"]) == 2 * problem.num_layers:
+        # Written before bit sets existed: every layer had [min_bits, max_bits].
+        saved["allowed"] = AllowedBits.full(problem.num_layers, saved["min_bits"], saved["max_bits"]).to_state()
+    if saved != mine:
+        theirs = AllowedBits.from_state(saved["allowed"]).describe() if "allowed" in saved else (
+            f"{saved['min_bits']}-{saved['max_bits']}")
+        raise ValueError(
+            f"{name} checkpoint {path}: expected a search over {problem.num_layers} layers with "
+            f"bits {problem.allowed.describe()}, got {len(saved['keys']) // 2} layers "
+            f"with bits {theirs}"
+        )

@@ -51,7 +51,14 @@ from ray.tune.search import Searcher
 from search_spaces import config_from_policy, parse_policy
 
 from ._aqgan import AQGAN, EXPORT_VERSION, GAN_OPTIONS, GANConfig, _check_float, _check_int
-from ._base import SEARCHER_ARTIFACTS_DIR, SearchProblem, SearchPropertiesMixin, evaluated_policy
+from ._base import (
+    SEARCHER_ARTIFACTS_DIR,
+    SearchProblem,
+    SearchPropertiesMixin,
+    check_checkpoint,
+    evaluated_policy,
+    space_state,
+)
 from ._registry import register_searcher
 
 GENERATOR_FILE = "aqgan_generator.pt"
@@ -307,8 +314,7 @@ class AQGANSearcher(SearchPropertiesMixin, Searcher):
             "options": asdict(self.options),
             "gan_config": asdict(self.gan_config),
             "metric": self._metric, "mode": self._mode,
-            "space": {"keys": self.problem.keys, "min_bits": self.problem.min_bits,
-                      "max_bits": self.problem.max_bits},
+            "space": space_state(self.problem),  # the allowed bits too (fixed first/last layers)
             "warmup": self.warmup,
             "model": self.model.state_dict(),
             "policies": stack(self.policies),
@@ -327,16 +333,7 @@ class AQGANSearcher(SearchPropertiesMixin, Searcher):
     def restore(self, checkpoint_path: str) -> None:
         """Load a state written by ``save`` into this searcher (built for the same problem)."""
         state = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
-        if state.get("version") != _CHECKPOINT_VERSION:
-            raise ValueError(f"aqgan checkpoint {checkpoint_path}: expected version {_CHECKPOINT_VERSION}, "
-                             f"got {state.get('version')!r}")
-        space = state["space"]
-        mine = (self.problem.keys, self.problem.min_bits, self.problem.max_bits)
-        if (list(space["keys"]), space["min_bits"], space["max_bits"]) != mine:
-            raise ValueError(
-                f"aqgan checkpoint {checkpoint_path}: expected a search over {self.problem.num_layers} "
-                f"layers with bits in [{self.problem.min_bits}, {self.problem.max_bits}], got "
-                f"{len(space['keys']) // 2} layers with bits in [{space['min_bits']}, {space['max_bits']}]")
+        check_checkpoint("aqgan", checkpoint_path, state, _CHECKPOINT_VERSION, self.problem)
         self._setup(SearchOptions(**state["options"]), GANConfig(**state["gan_config"]))
         self._metric, self._mode = state["metric"], state["mode"]
         self.warmup = state["warmup"]

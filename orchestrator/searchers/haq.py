@@ -110,7 +110,13 @@ from hardware import MAX_BITS, MIN_BITS
 from search_spaces import config_from_policy
 from search_spaces import metrics as M
 
-from ._base import SearchProblem, SearchPropertiesMixin, evaluated_policy
+from ._base import (
+    SearchProblem,
+    SearchPropertiesMixin,
+    check_checkpoint,
+    evaluated_policy,
+    space_state,
+)
 from ._haq_agent import (
     _NUM_STATIC,
     NUM_FEATURES,
@@ -129,7 +135,6 @@ from ._haq_agent import (
     truncated_normal,
 )
 from ._registry import register_searcher
-from .uniform import check_space
 
 __all__ = [
     "NUM_FEATURES",
@@ -399,12 +404,7 @@ class HAQSearcher(SearchPropertiesMixin, Searcher):
             "config": asdict(self.config),
             "metric": self._metric,
             "mode": self._mode,
-            "space": {
-                "keys": self.problem.keys,
-                "min_bits": self.problem.min_bits,
-                "max_bits": self.problem.max_bits,
-                "allowed": self.problem.allowed.to_state(),
-            },
+            "space": space_state(self.problem),
             "features": torch.from_numpy(self.features.copy()),
             "warmup": self.warmup,
             "actor": self.actor.state_dict(),
@@ -447,13 +447,7 @@ class HAQSearcher(SearchPropertiesMixin, Searcher):
     def restore(self, checkpoint_path: str) -> None:
         """Load a state written by ``save`` into this searcher (built for the same problem)."""
         state = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
-        if state.get("version") != _CHECKPOINT_VERSION:
-            raise ValueError(
-                f"haq checkpoint {checkpoint_path}: expected version {_CHECKPOINT_VERSION}, "
-                f"got {state.get('version')!r}"
-            )
-        check_space("haq", checkpoint_path, {**state["space"], "keys": list(state["space"]["keys"])},
-                    self.problem)
+        check_checkpoint("haq", checkpoint_path, state, _CHECKPOINT_VERSION, self.problem)
         if not np.allclose(state["features"].numpy(), layer_features(list(self.problem.layers))):
             raise ValueError(
                 f"haq checkpoint {checkpoint_path}: expected the same network, got different layer shapes"

@@ -81,9 +81,8 @@ from hardware import MIN_BITS, NUM_BITS
 from search_spaces import AllowedBits, config_from_policy, format_policy, parse_policy, solve_mckp
 
 from ..config import atomic_write_text
-from ._base import SearchProblem, SearchPropertiesMixin
+from ._base import SearchProblem, SearchPropertiesMixin, check_checkpoint, space_state
 from ._registry import register_searcher
-from .uniform import check_space, space_state
 
 _CHECKPOINT_VERSION = 1
 DEFAULT_TOP_K = 10
@@ -376,12 +375,7 @@ class SensitivityDPSearcher(SearchPropertiesMixin, Searcher):
 
     def restore(self, checkpoint_path: str) -> None:
         state = json.loads(Path(checkpoint_path).read_text())
-        if state.get("version") != _CHECKPOINT_VERSION:
-            raise ValueError(
-                f"sensitivity-dp checkpoint {checkpoint_path}: expected version {_CHECKPOINT_VERSION}, "
-                f"got {state.get('version')!r}"
-            )
-        check_space("sensitivity-dp", checkpoint_path, state["space"], self.problem)
+        check_checkpoint("sensitivity-dp", checkpoint_path, state, _CHECKPOINT_VERSION, self.problem)
         self._metric, self._mode = state["metric"], state["mode"]
         opts = state["options"]
         self.top_k, self.max_proposals = opts["top_k"], opts["max_proposals"]

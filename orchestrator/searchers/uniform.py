@@ -36,35 +36,13 @@ from pathlib import Path
 import numpy as np
 from ray.tune.search import Searcher
 
-from search_spaces import AllowedBits, config_from_policy, format_widths
+from search_spaces import config_from_policy, format_widths
 
 from ..config import atomic_write_text
-from ._base import SearchProblem, SearchPropertiesMixin
+from ._base import SearchProblem, SearchPropertiesMixin, check_checkpoint, space_state
 from ._registry import register_searcher
 
 _CHECKPOINT_VERSION = 1
-
-
-def space_state(problem: SearchProblem) -> dict:
-    """What a checkpoint must match to be restored into a searcher for ``problem``."""
-    return {"keys": problem.keys, "min_bits": problem.min_bits, "max_bits": problem.max_bits,
-            "allowed": problem.allowed.to_state()}
-
-
-def check_space(name: str, path, saved: dict, problem: SearchProblem) -> None:
-    mine = space_state(problem)
-    saved = dict(saved)
-    if "allowed" not in saved and len(saved["keys"]) == 2 * problem.num_layers:
-        # Written before bit sets existed: every layer had [min_bits, max_bits].
-        saved["allowed"] = AllowedBits.full(problem.num_layers, saved["min_bits"], saved["max_bits"]).to_state()
-    if saved != mine:
-        theirs = AllowedBits.from_state(saved["allowed"]).describe() if "allowed" in saved else (
-            f"{saved['min_bits']}-{saved['max_bits']}")
-        raise ValueError(
-            f"{name} checkpoint {path}: expected a search over {problem.num_layers} layers with "
-            f"bits {problem.allowed.describe()}, got {len(saved['keys']) // 2} layers "
-            f"with bits {theirs}"
-        )
 
 
 def _bit_list(label: str, values, allowed: tuple[int, ...]) -> list[int]:
@@ -159,12 +137,7 @@ class UniformSearcher(SearchPropertiesMixin, Searcher):
 
     def restore(self, checkpoint_path: str) -> None:
         state = json.loads(Path(checkpoint_path).read_text())
-        if state.get("version") != _CHECKPOINT_VERSION:
-            raise ValueError(
-                f"uniform checkpoint {checkpoint_path}: expected version {_CHECKPOINT_VERSION}, "
-                f"got {state.get('version')!r}"
-            )
-        check_space("uniform", checkpoint_path, state["space"], self.problem)
+        check_checkpoint("uniform", checkpoint_path, state, _CHECKPOINT_VERSION, self.problem)
         self._metric, self._mode = state["metric"], state["mode"]
         self.pairs = [(int(w), int(a)) for w, a in state["pairs"]]
         self.next_index = int(state["next_index"])
