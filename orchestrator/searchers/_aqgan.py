@@ -57,13 +57,13 @@ The paper's internals are not public. What is here, and why:
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass, fields
 
 import numpy as np
 import torch
 from torch import nn
 
+from ._base import check_float_option, check_int_option
 from ._nets import seeded_linear
 
 LOSSES = ("hinge", "wgan-gp")
@@ -73,20 +73,11 @@ _EPS = 1e-10
 
 
 def _check_int(name: str, value, low: int, *, optional: bool = False) -> None:
-    if optional and value is None:
-        return
-    if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < low:
-        none = " or None" if optional else ""
-        raise ValueError(f"aqgan: {name}: expected an integer >= {low}{none}, got {value!r}")
+    check_int_option(f"aqgan: {name}", value, low, optional=optional)
 
 
 def _check_float(name: str, value, low: float, high: float, *, optional: bool = False) -> None:
-    if optional and value is None:
-        return
-    ok = isinstance(value, int | float | np.floating) and not isinstance(value, bool)
-    if not (ok and math.isfinite(value) and low <= value <= high):
-        none = " or None" if optional else ""
-        raise ValueError(f"aqgan: {name}: expected a number in [{low}, {high}]{none}, got {value!r}")
+    check_float_option(f"aqgan: {name}", value, low, high, optional=optional)
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -143,3 +144,25 @@ def check_space(name: str, path, saved: dict, problem: SearchProblem) -> None:
             f"bits {problem.allowed.describe()}, got {len(saved['keys']) // 2} layers "
             f"with bits {theirs}"
         )
+
+
+def check_int_option(name: str, value, low: int, *, optional: bool = False) -> None:
+    """A searcher option that must be an integer >= ``low`` (``None`` too when ``optional``)."""
+    if optional and value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < low:
+        none = " or None" if optional else ""
+        raise ValueError(f"{name}: expected an integer >= {low}{none}, got {value!r}")
+
+
+def check_float_option(name: str, value, low: float, high: float, *, optional: bool = False,
+                       low_open: bool = False) -> None:
+    """A searcher option that must be a finite number in [low, high] ((low, high] when ``low_open``)."""
+    if optional and value is None:
+        return
+    ok = isinstance(value, int | float | np.floating) and not isinstance(value, bool)
+    ok = ok and math.isfinite(value) and (value > low if low_open else value >= low) and value <= high
+    if not ok:
+        none = " or None" if optional else ""
+        raise ValueError(f"{name}: expected a number in {'(' if low_open else '['}{low}, {high}]{none}, "
+                         f"got {value!r}")

@@ -18,6 +18,7 @@ from torch import nn
 from hardware import BITS, MIN_BITS, NUM_BITS, LayerSpec
 from search_spaces import AllowedBits
 
+from ._base import check_float_option, check_int_option
 from ._nets import seeded_linear
 
 NUM_FEATURES = 10
@@ -129,22 +130,6 @@ def truncated_normal(mu: float, sigma: float, u: float) -> float:
 # ---- options -------------------------------------------------------------------------------
 
 
-def _check_int(name: str, value, low: int, *, optional: bool = False) -> None:
-    if optional and value is None:
-        return
-    if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < low:
-        none = " or None" if optional else ""
-        raise ValueError(f"{name}: expected an integer >= {low}{none}, got {value!r}")
-
-
-def _check_float(name: str, value, low: float, high: float, *, low_open: bool = False) -> None:
-    ok = isinstance(value, int | float | np.floating) and not isinstance(value, bool)
-    ok = ok and math.isfinite(value) and (value > low if low_open else value >= low) and value <= high
-    if not ok:
-        bracket = "(" if low_open else "["
-        raise ValueError(f"{name}: expected a number in {bracket}{low}, {high}], got {value!r}")
-
-
 @dataclass(frozen=True, kw_only=True)
 class HAQConfig:
     """DDPG hyperparameters; every default is HAQ's (``rl_quantize.py``, ``lib/rl/ddpg.py``)
@@ -174,20 +159,20 @@ class HAQConfig:
     store_actions: str = "drawn"
 
     def __post_init__(self) -> None:
-        _check_int("hidden1", self.hidden1, 1)
-        _check_int("hidden2", self.hidden2, 1)
-        _check_float("lr_actor", self.lr_actor, 0.0, 1.0, low_open=True)
-        _check_float("lr_critic", self.lr_critic, 0.0, 1.0, low_open=True)
-        _check_float("tau", self.tau, 0.0, 1.0, low_open=True)
-        _check_float("discount", self.discount, 0.0, 1.0)
-        _check_int("batch_size", self.batch_size, 1)
-        _check_int("replay_per_layer", self.replay_per_layer, 1)
-        _check_int("warmup", self.warmup, 0)
-        _check_float("init_noise", self.init_noise, 0.0, 10.0, low_open=True)
-        _check_float("noise_decay", self.noise_decay, 0.0, 1.0, low_open=True)
-        _check_float("baseline_alpha", self.baseline_alpha, 0.0, 1.0)
-        _check_float("reward_scale", self.reward_scale, 0.0, 1e6, low_open=True)
-        _check_int("updates_per_episode", self.updates_per_episode, 0, optional=True)
+        check_int_option("hidden1", self.hidden1, 1)
+        check_int_option("hidden2", self.hidden2, 1)
+        check_float_option("lr_actor", self.lr_actor, 0.0, 1.0, low_open=True)
+        check_float_option("lr_critic", self.lr_critic, 0.0, 1.0, low_open=True)
+        check_float_option("tau", self.tau, 0.0, 1.0, low_open=True)
+        check_float_option("discount", self.discount, 0.0, 1.0)
+        check_int_option("batch_size", self.batch_size, 1)
+        check_int_option("replay_per_layer", self.replay_per_layer, 1)
+        check_int_option("warmup", self.warmup, 0)
+        check_float_option("init_noise", self.init_noise, 0.0, 10.0, low_open=True)
+        check_float_option("noise_decay", self.noise_decay, 0.0, 1.0, low_open=True)
+        check_float_option("baseline_alpha", self.baseline_alpha, 0.0, 1.0)
+        check_float_option("reward_scale", self.reward_scale, 0.0, 1e6, low_open=True)
+        check_int_option("updates_per_episode", self.updates_per_episode, 0, optional=True)
         if self.store_actions not in STORE_ACTIONS:
             raise ValueError(
                 f"store_actions: expected one of {', '.join(STORE_ACTIONS)}, got {self.store_actions!r}"
