@@ -29,7 +29,9 @@ and (2) about two orders of magnitude lower search cost per design point. Protoc
    ``cost_per_design_point`` for failures and caps.
 4. **Speed.** 256 candidates generated + projected (+ re-scored), one thread, median of
    repeats, for the 12-layer demo net and MobileNetV2 (53 layers).
-5. **Noise floor** (demo): the same policies fine-tuned with other seeds.
+5. **Noise floor** (demo): the same policies fine-tuned with other seeds; ``--part
+   ceiling`` turns it into the best target error and Spearman any generator can score
+   at given targets (an oracle of each policy's mean accuracy, plus that noise).
 
 Surrogate: ``SurrogateObjective`` (seeded additive penalties; deterministic) on
 MobileNetV2 priced by bismo-cloud, history under latency=0.5, new design points in
@@ -483,9 +485,28 @@ def noise_floor(context, hist_p, hist_a, finetune_policy) -> None:
           "exactly would still miss a target by about this much on average)", flush=True)
 
 
+def ceiling(targets: list[float], noise_pp: float, per_target: int, repeats: int = 2000) -> None:
+    """Target error and Spearman of an oracle that picks policies whose *mean* accuracy is
+    exactly the target, when one fine-tune's accuracy is that mean plus normal noise of
+    ``noise_pp`` points (the measured noise floor): what no generator can beat, since a
+    generated policy is measured once, with a seed no predictor of the policy knows."""
+    rng = np.random.default_rng(0)
+    t = np.repeat(np.asarray(targets, dtype=np.float64), per_target)
+    errors, rhos = [], []
+    for _ in range(repeats):
+        achieved = t + rng.normal(0.0, noise_pp / PERCENT, size=t.size)
+        errors.append(np.mean(np.abs(achieved - t)) * PERCENT)
+        rhos.append(spearman(t, achieved))
+    lo, hi = np.percentile(rhos, [5, 95])
+    print(f"\n#### Ceiling at targets {', '.join(f'{x:.4f}' for x in targets)} ({per_target} policies each), "
+          f"noise {noise_pp:g} pp, {repeats} draws\n")
+    print(f"mean abs(achieved - target): {np.mean(errors):.2f} pp; Spearman {np.mean(rhos):.3f} "
+          f"(5-95%: {lo:.3f}-{hi:.3f})")
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--part", choices=("surrogate", "demo", "speed", "all"), default="all")
+    parser.add_argument("--part", choices=("surrogate", "demo", "speed", "ceiling", "all"), default="all")
     parser.add_argument("--quick", action="store_true", help="one seed: a smoke run")
     parser.add_argument("--experiment", default="haqtune", help="demo: MLflow experiment of the aqgan search")
     parser.add_argument("--tracking-uri", help="demo: MLflow store (default sqlite:///mlflow.db)")
@@ -497,7 +518,16 @@ def main(argv=None) -> None:
     parser.add_argument("--tpe-cap", type=int, default=TPE_CAP,
                         help="surrogate: trials a fresh tpe search may take per design point (a point it "
                         "does not reach counts the cap, so the cost ratio is a lower bound)")
+    parser.add_argument("--targets", type=lambda t: [float(x) for x in t.split(",")],
+                        help="ceiling: the target accuracies (e.g. a history's p10..p90)")
+    parser.add_argument("--noise-pp", type=float, default=1.8,
+                        help="ceiling: one fine-tune's accuracy noise, std in points (the measured floor)")
     args = parser.parse_args(argv)
+    if args.part == "ceiling":
+        if not args.targets:
+            parser.error("--part ceiling needs --targets")
+        ceiling(args.targets, args.noise_pp, args.per_target)
+        return
     torch.set_num_threads(1)
     import optuna
 
