@@ -303,8 +303,11 @@ def test_history_from_an_mlflow_experiment(tmp_path, tmp_path_factory, monkeypat
 
 
 @pytest.mark.slow
-def test_search_then_generate_evaluate(tmp_path):
+def test_search_then_generate_evaluate(tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
     from e2e import run_cli, runs_of
+    from orchestrator.cli import main
 
     (tmp_path / "aq.yaml").write_text(
         "searcher: aqgan\nnum_trials: 6\nhardware: bitfusion\nbudget: energy=0.5\nexperiment: aq\n"
@@ -348,14 +351,19 @@ def test_search_then_generate_evaluate(tmp_path):
     err = np.mean([abs(p["val_acc"] - target) for p in written["policies"]])
     assert gen_parent.data.metrics["mean_abs_target_error"] == pytest.approx(err, abs=1e-3)
 
-    # Bad input: one line, exit 2, nothing new in the store.
+    # Bad input: one line, exit 2, nothing new in the store (through the console script
+    # once; the other cases in-process, from the same directory and store).
+    proc = run_cli(["generate", "--experiment", "aq", "--target-acc", "1.5"], tmp_path, timeout=120)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1 and "--target-acc: expected a fraction" in lines[0], proc.stderr
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     for args, message in (
-        (["generate", "--experiment", "aq", "--target-acc", "1.5"], "--target-acc: expected a fraction"),
         (["generate", "--experiment", "nope", "--target-acc", "0.5"], "unknown experiment 'nope'"),
         (["generate", "--experiment", "aq", "--target-acc", "0.5", "--hardware", "tpu"], "unknown hardware"),
     ):
-        proc = run_cli(args, tmp_path, timeout=120)
-        lines = proc.stderr.strip().splitlines()
-        assert proc.returncode == 2 and len(lines) == 1 and message in lines[0], proc.stderr
+        result = CliRunner().invoke(main, args)
+        lines = result.stderr.strip().splitlines()
+        assert result.exit_code == 2 and len(lines) == 1 and message in lines[0], result.output
     assert len(runs_of(uri, "aq")[0]) == 2
     assert os.path.exists(tmp_path / "gen.json")
