@@ -91,7 +91,9 @@ def _wait_until_saved(s3, trial_ids, timeout_s: float = 60) -> None:
 
 
 def test_killed_s3_search_resumes_from_another_directory(tmp_path, s3):
-    n, k = 4, 1  # 2 trials at a time on 2 cores: trials are still to run when the kill comes
+    # 2 trials at a time on 2 cores: trials are still to run when the kill comes. n = 4 was
+    # not always enough: once, all 4 finished while the state holding the first was uploading.
+    n, k = 6, 1
     first, elsewhere = tmp_path / "first", tmp_path / "elsewhere"
     first.mkdir()
     elsewhere.mkdir()
