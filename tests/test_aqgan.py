@@ -358,6 +358,13 @@ def test_search_then_generate_evaluate(tmp_path, monkeypatch):
     assert proc.returncode == 2 and len(lines) == 1 and "--target-acc: expected a fraction" in lines[0], proc.stderr
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    # A budget far tighter than the search's, at its best accuracy: every policy that fits
+    # is predicted short of the target, and generate says so (one warning, no failure).
+    result = CliRunner().invoke(main, ["generate", "--experiment", "aq", "--target-acc", str(accs[-1]),
+                                       "--num", "2", "--hardware", "bitfusion", "--budget", "energy=0.35"])
+    assert result.exit_code == 0, result.output
+    (warning,) = [line for line in result.stderr.splitlines() if "predicted at val_acc" in line]
+    assert "points below the target: the budget is outside what search" in warning
     for args, message in (
         (["generate", "--experiment", "nope", "--target-acc", "0.5"], "unknown experiment 'nope'"),
         (["generate", "--experiment", "aq", "--target-acc", "0.5", "--hardware", "tpu"], "unknown hardware"),
