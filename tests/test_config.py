@@ -51,6 +51,9 @@ def test_roundtrip_through_yaml(tmp_path):
     ("final_finetune: {epochs: -1}", "final_finetune.epochs"),
     ("final_finetune: 30", "final_finetune: expected a mapping"),
     ("final_finetune: {epoch: 30}", "final_finetune: unknown setting"),
+    ("final_finetune: {distill_weight: 1.5}", "final_finetune.distill_weight: expected a number between 0 and 1"),
+    ("finetune: {distill_temperature: 0}", "finetune.distill_temperature: expected a number > 0"),
+    ("reference: {distill_weight: 0.5}", "reference.distill_weight: the reference is the teacher"),
 ])
 def test_bad_config_files(tmp_path, content, message):
     path = tmp_path / "bad.yaml"

@@ -52,6 +52,12 @@ class TrainSettings:
     # Mixed precision of the training steps (evaluation stays float32): bf16 autocast on
     # CUDA and CPU; fp16 autocast with a GradScaler on CUDA only (float32 on a CPU fallback).
     amp: str = "off"
+    # Knowledge distillation from the full-precision reference, for a quantized model's
+    # fine-tune (not HAQ's protocol, which trains on labels only): the loss is
+    # (1 - w) * cross-entropy + w * T^2 * KL(teacher || student) at temperature T
+    # (Hinton et al. 2015). 0 = labels only.
+    distill_weight: float = 0.0
+    distill_temperature: float = 1.0
 
     def __post_init__(self) -> None:
         if self.amp not in AMP_MODES:
@@ -62,6 +68,10 @@ class TrainSettings:
         _check_number("weight_decay", self.weight_decay, integer=False, minimum=0)
         if self.max_steps_per_epoch is not None:
             _check_number("max_steps_per_epoch", self.max_steps_per_epoch, integer=True, minimum=1)
+        _check_number("distill_weight", self.distill_weight, integer=False, minimum=0)
+        if self.distill_weight > 1:
+            raise ValueError(f"distill_weight: expected a number between 0 and 1, got {self.distill_weight!r}")
+        _check_number("distill_temperature", self.distill_temperature, integer=False, minimum=0, strict=True)
 
 
 @dataclass(frozen=True)
@@ -74,6 +84,9 @@ class ReferenceSettings(TrainSettings):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.distill_weight:
+            raise ValueError("distill_weight: the reference is the teacher a fine-tune distills from; "
+                             "set it in finetune or final_finetune, not in reference")
         if self.weights is not None and (not isinstance(self.weights, str) or not self.weights):
             raise ValueError(f"weights: expected a torchvision weights name or a checkpoint path, got {self.weights!r}")
 
@@ -160,20 +173,43 @@ def optimizer_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer, scaler=
         optimizer.step()
 
 
+def distillation_loss(logits: torch.Tensor, labels: torch.Tensor, teacher_logits: torch.Tensor,
+                      *, weight: float, temperature: float) -> torch.Tensor:
+    """(1 - weight) * cross-entropy + weight * T^2 * KL(teacher_T || student_T).
+
+    The T^2 keeps the soft term's gradient scale independent of T (Hinton et al. 2015).
+    """
+    hard = F.cross_entropy(logits, labels)
+    soft = F.kl_div(F.log_softmax(logits / temperature, dim=-1),
+                    F.log_softmax(teacher_logits / temperature, dim=-1),
+                    reduction="batchmean", log_target=True) * temperature ** 2
+    return (1.0 - weight) * hard + weight * soft
+
+
 def train_epoch(model: nn.Module, data: DataSplits, optimizer: torch.optim.Optimizer,
                 settings: TrainSettings, *, generator: torch.Generator, device: torch.device,
-                scheduler=None, scaler=None, num_workers: int = DEFAULT_LOADER_WORKERS) -> float:
+                scheduler=None, scaler=None, num_workers: int = DEFAULT_LOADER_WORKERS,
+                teacher: nn.Module | None = None) -> float:
     """One pass over the training split; returns the mean loss. Raises DivergedError on NaN.
 
     ``settings.amp`` runs the forward pass under autocast; with fp16 on CUDA pass the
     run's ``make_grad_scaler`` (one per run: its scale carries over between epochs).
+    ``teacher`` (in eval mode): distill from it with ``settings.distill_weight`` and
+    ``distill_temperature``.
     """
     model.train()
     total, steps = 0.0, 0
     for x, y in loader_batches(data.train, settings.batch_size, shuffle=True, generator=generator,
                                device=device, num_workers=num_workers):
         with autocast(settings.amp, device):
-            loss = F.cross_entropy(model(x), y)
+            logits = model(x)
+            if teacher is None:
+                loss = F.cross_entropy(logits, y)
+            else:
+                with torch.no_grad():
+                    teacher_logits = teacher(x)
+                loss = distillation_loss(logits, y, teacher_logits, weight=settings.distill_weight,
+                                         temperature=settings.distill_temperature)
         if not torch.isfinite(loss):
             raise DivergedError(f"loss became {loss.item()} at step {steps}")
         optimizer_step(loss, optimizer, scaler)
@@ -266,9 +302,11 @@ def reference_payload(key: dict, settings: TrainSettings, *, seed: int, weights=
     training settings and seed, or, for a pretrained one, the weights' identity."""
     if weights is not None:
         return {**key, "weights": {"source": weights.source, "identity": weights.identity}}
-    # amp joins the key only when on, so references cached before it existed stay valid.
+    # amp joins the key only when on, so references cached before it existed stay valid;
+    # a reference never distills (ReferenceSettings), so the distillation keys never join.
     settings_dict = {k: v for k, v in asdict(settings).items()
-                     if k != "weights" and not (k == "amp" and v == "off")}
+                     if k not in ("weights", "distill_weight", "distill_temperature")
+                     and not (k == "amp" and v == "off")}
     return {**key, "settings": settings_dict, "seed": seed}
 
 

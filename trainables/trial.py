@@ -158,6 +158,11 @@ def finetune_policy(context: TrialContext, policy: np.ndarray, *, on_epoch=None,
     calib = calibration_batches(data.train, calib_idx, CALIBRATION_BATCH_SIZE, device=device)
     qmodel = quantize_model(model, context.layer_names, policy, calib, context.quant)
     settings = context.finetune
+    teacher = None
+    if settings.distill_weight > 0:  # the full-precision reference, frozen
+        teacher = build_model(context.model, seed=context.seed, **context.model_kwargs).model
+        teacher.load_state_dict(context.reference_state)
+        teacher.to(device).eval().requires_grad_(False)
     val_acc = evaluate(qmodel, data.val, device=device, num_workers=num_workers)
     if settings.epochs == 0 and on_epoch is not None:
         on_epoch(0, val_acc)
@@ -166,7 +171,7 @@ def finetune_policy(context: TrialContext, policy: np.ndarray, *, on_epoch=None,
         scaler = make_grad_scaler(settings.amp, device)
         for epoch in range(1, settings.epochs + 1):
             train_epoch(qmodel, data, optimizer, settings, generator=generator, device=device,
-                        scheduler=scheduler, scaler=scaler, num_workers=num_workers)
+                        scheduler=scheduler, scaler=scaler, num_workers=num_workers, teacher=teacher)
             val_acc = evaluate(qmodel, data.val, device=device, num_workers=num_workers)
             if on_epoch is not None:
                 on_epoch(epoch, val_acc)
