@@ -138,6 +138,8 @@ def _search_params(config: SearchConfig, prepared: PreparedSearch) -> dict:
         "min_bits": config.min_bits, "max_bits": config.max_bits,
         "bits": prepared.allowed.describe(), "fix_first_last": config.fixes_first_last,
         "finetune_epochs": config.finetune.epochs, "finetune_amp": config.finetune.amp,
+        # Every fine-tune setting, as one text: what aqgan's experiment history matches on.
+        "finetune": ", ".join(f"{k}={v}" for k, v in dataclasses.asdict(config.finetune).items()),
         "batch": prepared.table.batch,
         "input_shape": _shape_text(prepared.input_shape), "cost_input_size": config.cost_input_size,
         "priced_shape": _shape_text(prepared.priced_shape), "dataset_options": config.dataset_options or None,
@@ -555,7 +557,7 @@ HISTORY_OPTION = "history_from_experiment"
 # What a policy's accuracy depends on (not the hardware, not the searcher): earlier
 # searches that agree on all of it can seed a new one.
 HISTORY_MATCH = ("model", "dataset", "dataset_options", "input_shape", "reference_weights", "num_layers",
-                 "min_bits", "max_bits", "finetune_epochs", "seed",
+                 "min_bits", "max_bits", "finetune", "seed",
                  "weight_granularity", "weight_quantizer", "quantize")
 
 

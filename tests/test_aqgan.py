@@ -299,6 +299,26 @@ def test_history_from_an_mlflow_experiment(tmp_path, tmp_path_factory, monkeypat
     assert load_trial_history(f"sqlite:///{tmp_path / 'missing.db'}", "hist", base) == []
 
 
+def test_history_matches_on_every_fine_tune_setting():
+    """A search fine-tuned at another learning rate (or distilling) measured other accuracies:
+    its trials must not seed this one, whatever the epochs say."""
+    from orchestrator.config import SearchConfig
+    from orchestrator.search import HISTORY_MATCH, _search_params, prepare
+
+    base = SearchConfig()
+    prepared = prepare(base)
+
+    def matched(**finetune):
+        config = base.replace(finetune=dataclasses.replace(base.finetune, **finetune))
+        params = _search_params(config, prepared)
+        return {k: str(params[k]) for k in HISTORY_MATCH}
+
+    assert matched() == matched(lr=base.finetune.lr)
+    for change in ({"lr": base.finetune.lr * 2}, {"batch_size": 32}, {"weight_decay": 1e-4},
+                   {"epochs": 5}, {"distill_weight": 0.5}, {"max_steps_per_epoch": 3}):
+        assert matched(**change) != matched(), change
+
+
 # ---- end to end: the real CLI, Ray Tune, MLflow ---------------------------------------------
 
 

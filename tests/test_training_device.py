@@ -117,7 +117,6 @@ def test_gpu_request_without_cuda_gives_one_warning_line():
 
 def test_amp_is_part_of_the_reference_cache_key_only_when_on(tmp_path):
     """bf16 trains another reference; off keeps the key of references cached before amp existed."""
-    from dataclasses import asdict
 
     from trainables.data import load_dataset
     from trainables.models import build_model
