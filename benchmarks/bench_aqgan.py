@@ -316,6 +316,30 @@ def speed() -> None:
         print(f"| {label} on {hw} | {len(layers)} | {med[0]:.1f} | {med[1]:.1f} | {med[2]:.1f} | {med[3]:.1f} |")
 
 
+def surrogate_problem(layers, table, budget: Budget, seed: int, **problem_kwargs):
+    """The surrogate of one seed under ``budget`` (the same per-layer penalties whatever the
+    hardware: accuracy does not depend on it), its SearchProblem and a trial on it
+    (``evaluate(policy) -> (projected, accuracy)``)."""
+    surrogate = SurrogateObjective(layers, table, budget, seed=seed)
+
+    def evaluate(p):
+        projected = surrogate.project(p)
+        return projected, float(surrogate.accuracy(projected)[0])
+
+    problem = SearchProblem(layers=layers, table=table, budget=budget, seed=seed,
+                            cost_metric=budget.metric, **problem_kwargs)
+    return surrogate, problem, evaluate
+
+
+def surrogate_history(layers, table, budget: Budget, seed: int):
+    """The history every surrogate measurement starts from: an ``aqgan`` search of
+    ``HISTORY_TRIALS`` trials under ``budget``. Returns the surrogate, problem, trial,
+    the trained searcher and ``(policies, accuracies)``."""
+    surrogate, problem, evaluate = surrogate_problem(layers, table, budget, seed, num_trials=HISTORY_TRIALS)
+    searcher = make_searcher("aqgan", problem)
+    return surrogate, problem, evaluate, searcher, drive(searcher, evaluate, HISTORY_TRIALS)
+
+
 def surrogate_part(quick: bool, seeds=None, tpe_cap: int = TPE_CAP) -> None:
     layers = layers_of("mobilenet_v2", 224)
     table_a = hardware.get_cost_model("bismo-cloud").table(layers)
@@ -325,16 +349,8 @@ def surrogate_part(quick: bool, seeds=None, tpe_cap: int = TPE_CAP) -> None:
     print(f"\n### Surrogate: MobileNetV2 ({len(layers)} layers); history on bismo-cloud {budget}; new design "
           "points: " + ", ".join(f"{hw} {b}" for hw, b in SURROGATE_DESIGN_BUDGETS))
     for seed in seeds:
-        sur_a = SurrogateObjective(layers, table_a, budget, seed=seed)
-
-        def evaluate_a(p, sur=sur_a):
-            projected = sur.project(p)
-            return projected, float(sur.accuracy(projected)[0])
-
-        problem = SearchProblem(layers=layers, table=table_a, budget=budget, seed=seed, num_trials=HISTORY_TRIALS)
-        searcher = make_searcher("aqgan", problem)
         t0 = time.perf_counter()
-        hist_p, hist_a = drive(searcher, evaluate_a, HISTORY_TRIALS)
+        sur_a, problem, evaluate_a, searcher, (hist_p, hist_a) = surrogate_history(layers, table_a, budget, seed)
         print(f"\nseed {seed}: history search {time.perf_counter() - t0:.1f} s, best {max(hist_a):.4f}, "
               f"optimum {sur_a.optimum()[1]:.4f}")
         target_error(f"surrogate seed {seed}", problem, searcher, evaluate_a, hist_p, hist_a, seed)
@@ -346,19 +362,12 @@ def surrogate_part(quick: bool, seeds=None, tpe_cap: int = TPE_CAP) -> None:
             budget_b = Budget.parse(text)
             # The same network and seed: the same per-layer penalties (accuracy does not
             # depend on the hardware); only the feasible set changes.
-            sur_b = SurrogateObjective(layers, tables[hw], budget_b, seed=seed)
+            sur_b, problem_b, evaluate_b = surrogate_problem(layers, tables[hw], budget_b, seed)
             optimum_b = sur_b.optimum()[1]
             reachable = [t for t in targets if t - REACH_TOL <= optimum_b]
             if len(reachable) < len(targets):
                 print(f"({hw} {text}: optimum {optimum_b:.4f}; targets above it left out: "
                       + ", ".join(f"{t:.4f}" for t in targets if t not in reachable) + ")")
-
-            def evaluate_b(p, sur=sur_b):
-                projected = sur.project(p)
-                return projected, float(sur.accuracy(projected)[0])
-
-            problem_b = SearchProblem(layers=layers, table=tables[hw], budget=budget_b, seed=seed,
-                                      cost_metric=budget_b.metric)
             points.append((f"{hw} {text}", problem_b, evaluate_b, reachable))
         cost_per_design_point(f"surrogate seed {seed}", searcher.model, points,
                               measured=(np.stack(hist_p), np.array(hist_a)),

@@ -28,10 +28,10 @@ import bench_aqgan as B  # noqa: E402
 
 import hardware  # noqa: E402
 from hardware import MIN_BITS, NUM_BITS  # noqa: E402
-from orchestrator.searchers import SearchProblem, make_searcher  # noqa: E402
+from orchestrator.searchers import SearchProblem  # noqa: E402
 from orchestrator.searchers.aqgan import generate_policies  # noqa: E402
 from orchestrator.searchers.sensitivity_dp import _LIMIT_SLACK, pair_costs, prune_dominated  # noqa: E402
-from search_spaces import Budget, SurrogateObjective, solve_mckp  # noqa: E402
+from search_spaces import Budget, solve_mckp  # noqa: E402
 
 DESIGN_POINTS = (("bitfusion", "energy=0.5"), ("bismo-cloud", "latency=0.4"), ("bismo-edge", "latency=0.5"))
 TOP_K = 16
@@ -59,23 +59,12 @@ def main() -> None:
     table_a = hardware.get_cost_model("bismo-cloud").table(layers)
     budget = Budget("latency_ms", 0.5, relative=True)
     for seed in (0, 1, 2):
-        sur_a = SurrogateObjective(layers, table_a, budget, seed=seed)
-
-        def evaluate_a(p, sur=sur_a):
-            projected = sur.project(p)
-            return projected, float(sur.accuracy(projected)[0])
-
-        problem = SearchProblem(layers=layers, table=table_a, budget=budget, seed=seed,
-                                num_trials=B.HISTORY_TRIALS)
-        searcher = make_searcher("aqgan", problem)
-        hist_p, hist_a = B.drive(searcher, evaluate_a, B.HISTORY_TRIALS)
+        *_, searcher, (hist_p, hist_a) = B.surrogate_history(layers, table_a, budget, seed)
         target = float(np.percentile(hist_a, 50))
         for hw, text in DESIGN_POINTS:
             budget_b = Budget.parse(text)
             table_b = hardware.get_cost_model(hw).table(layers)
-            sur_b = SurrogateObjective(layers, table_b, budget_b, seed=seed)
-            problem_b = SearchProblem(layers=layers, table=table_b, budget=budget_b, seed=seed,
-                                      cost_metric=budget_b.metric)
+            sur_b, problem_b, _ = B.surrogate_problem(layers, table_b, budget_b, seed)
             t0 = time.perf_counter()
             dp = [float(sur_b.accuracy(sur_b.project(p))[0]) for p in ridge_dp(searcher.model, problem_b)]
             dp_s = time.perf_counter() - t0

@@ -25,9 +25,8 @@ import bench_aqgan as B  # noqa: E402
 
 import hardware  # noqa: E402
 from orchestrator.generate_cli import SHORTFALL_WARN  # noqa: E402
-from orchestrator.searchers import SearchProblem, make_searcher  # noqa: E402
 from orchestrator.searchers.aqgan import generate_policies  # noqa: E402
-from search_spaces import Budget, SurrogateObjective  # noqa: E402
+from search_spaces import Budget  # noqa: E402
 
 
 def main() -> None:
@@ -39,23 +38,12 @@ def main() -> None:
     print("| seed | design point | target | best predicted | warns | reached |")
     print("|---:|---|---:|---:|---|---|")
     for seed in (0, 1, 2):
-        sur_a = SurrogateObjective(layers, table_a, budget, seed=seed)
-
-        def evaluate_a(p, sur=sur_a):
-            projected = sur.project(p)
-            return projected, float(sur.accuracy(projected)[0])
-
-        problem = SearchProblem(layers=layers, table=table_a, budget=budget, seed=seed,
-                                num_trials=B.HISTORY_TRIALS)
-        searcher = make_searcher("aqgan", problem)
-        hist_p, hist_a = B.drive(searcher, evaluate_a, B.HISTORY_TRIALS)
+        *_, searcher, (hist_p, hist_a) = B.surrogate_history(layers, table_a, budget, seed)
         measured = (np.stack(hist_p), np.array(hist_a))
         for hw, text in B.SURROGATE_DESIGN_BUDGETS:
             budget_b = Budget.parse(text)
             table_b = hardware.get_cost_model(hw).table(layers)
-            sur_b = SurrogateObjective(layers, table_b, budget_b, seed=seed)
-            problem_b = SearchProblem(layers=layers, table=table_b, budget=budget_b, seed=seed,
-                                      cost_metric=budget_b.metric)
+            sur_b, problem_b, _ = B.surrogate_problem(layers, table_b, budget_b, seed)
             for q in (50, 90):
                 target = float(np.percentile(hist_a, q))
                 rows = generate_policies(searcher.model, problem_b, target, B.PER_TARGET, measured=measured)
