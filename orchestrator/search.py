@@ -139,7 +139,8 @@ def _search_params(config: SearchConfig, prepared: PreparedSearch) -> dict:
         "bits": prepared.allowed.describe(), "fix_first_last": config.fixes_first_last,
         "finetune_epochs": config.finetune.epochs, "finetune_amp": config.finetune.amp,
         # Every fine-tune setting, as one text: what aqgan's experiment history matches on.
-        "finetune": ", ".join(f"{k}={v}" for k, v in dataclasses.asdict(config.finetune).items()),
+        "finetune": _settings_text(config.finetune),
+        "final_finetune": _settings_text(config.final_finetune) if config.final_finetune else None,
         "batch": prepared.table.batch,
         "input_shape": _shape_text(prepared.input_shape), "cost_input_size": config.cost_input_size,
         "priced_shape": _shape_text(prepared.priced_shape), "dataset_options": config.dataset_options or None,
@@ -154,6 +155,11 @@ class _DropIncompleteTrials:
 
     def filter(self, record) -> bool:
         return not str(record.msg).startswith("Trials did not complete")
+
+
+def _settings_text(settings) -> str:
+    """A training section as one param: "epochs=2, lr=0.01, ..." (every field)."""
+    return ", ".join(f"{k}={v}" for k, v in dataclasses.asdict(settings).items())
 
 
 def _shape_text(shape) -> str:

@@ -79,6 +79,9 @@ def test_search_then_export_both_formats(tmp_path):
         assert any(not torch.equal(trial["state_dict"][k], saved["state_dict"][k]) for k in saved["state_dict"]
                    if saved["state_dict"][k].is_floating_point())
     metrics = MlflowClient(uri).get_run(parent.info.run_id).data.metrics
+    # The final fine-tune's settings are on the parent run, beside the search's (the UI's columns).
+    assert parent.data.params["final_finetune"].startswith("epochs=3, lr=")
+    assert "distill_weight=0.0" in parent.data.params["final_finetune"]
     assert metrics["final_val_acc"] == pytest.approx(best["val_acc"], abs=1e-4)
     assert metrics["best_test_acc"] == pytest.approx(best["test_acc"], abs=1e-4)
     assert metrics["best_val_acc"] == pytest.approx(max(r["search_val_acc"] for r in summary["best"]), abs=1e-4)
