@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -97,4 +96,4 @@ def test_distillation_learns_from_the_reference_not_the_labels(context, monkeypa
     # (distilling from itself would give a zero loss and leave the model where it started).
     start = _finetuned(dataclasses.replace(context, finetune=dataclasses.replace(context.finetune, epochs=0)), 1.0)
     changed = [k for k in start if start[k].is_floating_point() and not torch.equal(start[k], distilled[k])]
-    assert changed and np.mean([k.endswith("weight") for k in changed]) > 0
+    assert any(k.endswith("weight") for k in changed)

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import torch
 
-from .models import build_model
 from .quantize import quantize_model
 from .training import evaluate, pick_device
 from .trial import CALIBRATION_SAMPLES, TrialContext, _cached_dataset
@@ -42,9 +41,7 @@ class SensitivityEvaluator:
         ctx = self.context = context
         self.device = torch.device(device) if device is not None else pick_device(gpus)
         data = _cached_dataset(ctx.dataset, ctx.data_root, ctx.input_size, ctx.dataset_options)
-        model = build_model(ctx.model, seed=ctx.seed, **ctx.model_kwargs).model
-        model.load_state_dict(ctx.reference_state)
-        self.model = model.to(self.device).eval()
+        self.model = ctx.reference_model(self.device).eval()
         self.val = data.val
         generator = torch.Generator().manual_seed(ctx.seed)
         idx = torch.randperm(len(data.train), generator=generator)[:calibration_samples]

@@ -108,6 +108,12 @@ class TrialContext:
     dataset_options: dict = field(default_factory=dict)  # HAQ-style subset (DatasetOptions fields)
     quant: QuantOptions = field(default_factory=QuantOptions)
 
+    def reference_model(self, device: torch.device) -> torch.nn.Module:
+        """A fresh full-precision reference model (the weights every trial starts from) on ``device``."""
+        model = build_model(self.model, seed=self.seed, **self.model_kwargs).model
+        model.load_state_dict(self.reference_state)
+        return model.to(device)
+
     def project(self, policy) -> np.ndarray:
         """The policy the trial evaluates: the search's allowed widths, inside the budget."""
         if self.allowed is not None:
@@ -147,10 +153,7 @@ def finetune_policy(context: TrialContext, policy: np.ndarray, *, on_epoch=None,
     """
     device = pick_device(context.gpus_per_trial)
     data = _cached_dataset(context.dataset, context.data_root, context.input_size, context.dataset_options)
-    built = build_model(context.model, seed=context.seed, **context.model_kwargs)
-    model = built.model
-    model.load_state_dict(context.reference_state)
-    model.to(device)
+    model = context.reference_model(device)
     seed = policy_seed(context.seed, policy)
     generator = torch.Generator().manual_seed(seed)
     calib_idx = torch.randperm(len(data.train), generator=generator)[:CALIBRATION_SAMPLES]
@@ -160,9 +163,7 @@ def finetune_policy(context: TrialContext, policy: np.ndarray, *, on_epoch=None,
     settings = context.finetune
     teacher = None
     if settings.distill_weight > 0:  # the full-precision reference, frozen
-        teacher = build_model(context.model, seed=context.seed, **context.model_kwargs).model
-        teacher.load_state_dict(context.reference_state)
-        teacher.to(device).eval().requires_grad_(False)
+        teacher = context.reference_model(device).eval().requires_grad_(False)
     val_acc = evaluate(qmodel, data.val, device=device, num_workers=num_workers)
     if settings.epochs == 0 and on_epoch is not None:
         on_epoch(0, val_acc)
