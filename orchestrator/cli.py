@@ -63,9 +63,10 @@ def main() -> None:
 @click.option("--max-bits", type=int)
 @click.option("--weights", help="Pretrained reference: a torchvision weights name (local torch cache) "
               "or a checkpoint file; evaluated, not retrained (reference.weights).")
-@click.option("--final-epochs", type=int, help="HAQ's final fine-tune: the best policies and uniform 8-bit "
-              "train this many epochs (the search's fine-tune settings otherwise) before the test split "
-              "(default: the config's final_finetune; none: test the trials' own checkpoints).")
+@click.option("--final-epochs", metavar="N|none", help="HAQ's final fine-tune: the best policies, uniform "
+              "8-bit and the widest uniform policy inside the budget train this many epochs (the "
+              "config's final_finetune settings otherwise, 30 distilled epochs by default) before the "
+              "test split; none: test the trials' own checkpoints.")
 @click.option("--dry-run", is_flag=True, help="Print the plan (layers, MACs, 8-bit cost, budget, trials, "
               "resources) and exit; runs and writes nothing.")
 def search(config_file, dry_run, weights, final_epochs, **flags) -> None:
@@ -75,13 +76,17 @@ def search(config_file, dry_run, weights, final_epochs, **flags) -> None:
     from .config import SearchConfig
 
     try:
-        config = SearchConfig.from_yaml(config_file) if config_file else SearchConfig()
+        config = SearchConfig.from_yaml(config_file) if config_file else SearchConfig.demo()
         config = config.replace(**flags)
         if weights is not None:
             config = config.replace(reference=dataclasses.replace(config.reference, weights=weights))
-        if final_epochs is not None:
+        if final_epochs is not None and final_epochs.strip().lower() == "none":
+            config = dataclasses.replace(config, final_finetune=None)  # replace() skips None (unset flags)
+        elif final_epochs is not None:
+            if not final_epochs.strip().isdigit():
+                raise HaqtuneError(f"--final-epochs: expected an integer >= 0 or none, got {final_epochs!r}")
             base = config.final_finetune or config.finetune
-            config = config.replace(final_finetune={**dataclasses.asdict(base), "epochs": final_epochs})
+            config = config.replace(final_finetune={**dataclasses.asdict(base), "epochs": int(final_epochs)})
         from .search import prepare
 
         prepared = prepare(config)

@@ -7,6 +7,7 @@ no dataset is downloaded, no Ray or MLflow is started).
 from __future__ import annotations
 
 from search_spaces import metrics as M
+from search_spaces import widest_uniform
 
 from .search import PreparedSearch, _shape_text, input_note, uniform8_note
 
@@ -32,8 +33,16 @@ def format_plan(prepared: PreparedSearch) -> str:
         reference = f"trained from scratch ({r.epochs} epochs, lr {r.lr:g}, batch {r.batch_size})"
     facts = prepared.facts
     subset = ", ".join(f"{k}={v}" for k, v in sorted(config.dataset_options.items())) or "none"
+    baseline = "uniform 8-bit"
     if config.budget is not None:
         budget = f"{config.budget} -> {config.budget.metric} <= {prepared.budget_limit:.4g}"
+        pair = widest_uniform(table, config.budget, prepared.allowed)
+        if pair is None:
+            budget += "; no uniform policy fits"
+        else:
+            budget += f"; widest uniform policy inside: {pair[0]}/{pair[1]}"
+            if pair != (8, 8):
+                baseline += f" and uniform {pair[0]}/{pair[1]}"
     else:
         budget = "none (accuracy only)"
     f = config.finetune
@@ -52,9 +61,13 @@ def format_plan(prepared: PreparedSearch) -> str:
         f"budget:    {budget}",
         f"finetune:  {f.epochs} epochs, lr {f.lr:g}, batch {f.batch_size}"
         f"{f', at most {f.max_steps_per_epoch} steps/epoch' if f.max_steps_per_epoch else ''}",
-        "final:     " + (f"the best {config.test_top_k} and uniform 8-bit fine-tuned {g.epochs} epochs, "
-                         f"lr {g.lr:g}, batch {g.batch_size}, then tested" if (g := config.final_finetune)
-                         else f"the best {config.test_top_k} trials' own checkpoints tested"),
+        "final:     " + (f"the best {config.test_top_k}, {baseline} fine-tuned {g.epochs} epochs, "
+                         f"lr {g.lr:g}, batch {g.batch_size}"
+                         + (f", distilled from the reference (weight {g.distill_weight:g}, "
+                            f"T {g.distill_temperature:g})" if g.distill_weight > 0 else "")
+                         + ", then tested" if (g := config.final_finetune)
+                         else f"the best {config.test_top_k} trials' own checkpoints tested; {baseline} "
+                              f"fine-tuned like a trial and tested"),
         f"resources: {config.cpus_per_trial:g} CPU + {config.gpus_per_trial:g} GPU per trial, "
         f"{at_once} trials at once, Ray {config.address or 'local'}",
         f"same cost: {cost_command(prepared)}",

@@ -209,6 +209,10 @@ def compare_searches(parents: list[dict], children: list[dict]) -> tuple[pd.Data
             uniform = pm.get(f"uniform8_{key}")
             fallback = uniform / row[key] if uniform and row[key] else np.nan
             row[name] = _float(pm.get(name, fallback))
+        # Test points over the widest uniform policy inside the budget (fine-tuned alike):
+        # positive where the mixed policy beats what no search was needed for.
+        uniform = _float(pm.get(f"{M.UNIFORM_IN_BUDGET}_{M.TEST_ACC}"))
+        row["vs_uniform_pts"] = (row["best_test_acc"] - uniform) * 100 if np.isfinite(uniform) else np.nan
         row["trials_to_99pct"], row["time_to_99pct_s"] = _reached(curve, row["best_val_acc"])
         end = parent["end_time_ms"] or (max(c["end_time_ms"] or 0 for c in kids) if kids else None)
         row["wall_time_s"] = (end - parent["start_time_ms"]) / 1000 if end else np.nan
@@ -228,7 +232,7 @@ def format_compare(frame: pd.DataFrame) -> str:
                                   "time_to_99pct_s": "time@99%_s"})
     formats = {"best_val_acc": "{:.4f}", "best_test_acc": "{:.4f}", M.LATENCY_MS: "{:.4g}",
                M.ENERGY_MJ: "{:.4g}", M.SIZE_MB: "{:.4g}", "lat_x": "{:.2f}x", "energy_x": "{:.2f}x",
-               "size_x": "{:.2f}x", "trials@99%": "{:.0f}", "time@99%_s": "{:.0f}", "wall_time_s": "{:.0f}"}
+               "size_x": "{:.2f}x", "vs_uniform_pts": "{:+.2f}", "trials@99%": "{:.0f}", "time@99%_s": "{:.0f}", "wall_time_s": "{:.0f}"}
     return shown.to_string(index=False, na_rep="-", formatters={
         k: (lambda v, f=f: "-" if pd.isna(v) else f.format(v)) for k, f in formats.items() if k in shown})
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from hardware import CostTable, LayerSpec, extract_layers, get_cost_model
-from search_spaces import AllowedBits, check_feasible
+from search_spaces import AllowedBits, check_feasible, widest_uniform
 from search_spaces import metrics as M
 from trainables.data import DATASETS, DatasetFacts, DatasetOptions, check_subset, dataset_facts
 from trainables.models import apply_weights, build_model, first_conv_channels, load_weights
@@ -766,10 +766,11 @@ def final_finetune_best(best: list[dict], plan: SearchPlan, context, echo) -> li
     return out
 
 
-def submit_uniform8(plan: SearchPlan, context):
-    """The uniform 8-bit policy fine-tuned (``final_finetune`` when set) and test-evaluated
-    like the best ones, in a Ray task with a trial's resources (nothing heavy runs in the
-    driver); returns its ObjectRef, so it runs alongside the final evaluations."""
+def submit_uniform(plan: SearchPlan, context, policy: np.ndarray):
+    """A uniform policy (8-bit, or the widest one inside the budget) fine-tuned
+    (``final_finetune`` when set) and test-evaluated like the best ones, not projected, in
+    a Ray task with a trial's resources (nothing heavy runs in the driver); returns its
+    ObjectRef, so it runs alongside the final evaluations."""
     import ray
 
     from trainables import evaluate_on_test
@@ -777,12 +778,21 @@ def submit_uniform8(plan: SearchPlan, context):
     config = plan.config
 
     @ray.remote(num_cpus=config.cpus_per_trial, num_gpus=config.gpus_per_trial)
-    def evaluate_task(ctx):
+    def evaluate_task(ctx, policy):
         from trainables.node import node_info
 
-        return {**evaluate_on_test(ctx, ctx.table.uniform(8), project=False), "node": node_info()}
+        return {**evaluate_on_test(ctx, policy, project=False), "node": node_info()}
 
-    return evaluate_task.remote(final_context(plan, context))
+    return evaluate_task.remote(final_context(plan, context), policy)
+
+
+def uniform_in_budget(context) -> tuple[tuple[int, int], np.ndarray] | None:
+    """((w, a), policy) of the widest uniform policy of the search's space whose own cost
+    is inside its budget (fixed layers at their width; ``search_spaces.widest_uniform``):
+    the fixed-bit baseline a mixed policy has to beat. None when no uniform policy fits."""
+    allowed = context.allowed or AllowedBits.full(context.table.num_layers, context.min_bits, context.max_bits)
+    pair = widest_uniform(context.table, context.budget, allowed)
+    return None if pair is None else (pair, allowed.uniform(*pair))
 
 
 def summarize(results, context, plan: SearchPlan, tracker, started: float, echo,
@@ -798,7 +808,16 @@ def summarize(results, context, plan: SearchPlan, tracker, started: float, echo,
 
     config, search_id = plan.config, plan.search_id
     frame = results_frame(results)
-    eight_ref = submit_uniform8(plan, context) if config.test_top_k > 0 else None
+    evaluate = config.test_top_k > 0
+    eight_ref = submit_uniform(plan, context, context.table.uniform(8)) if evaluate else None
+    # The fixed-bit baseline inside the budget, trained and tested like the rest: mixed
+    # precision is only worth its search where it beats this.
+    compare_uniform = evaluate and context.budget is not None
+    baseline = uniform_in_budget(context) if compare_uniform else None
+    baseline_ref = None
+    # A budget that fits 8/8 has the uniform 8-bit row as its baseline.
+    if baseline is not None and not np.array_equal(baseline[1], context.table.uniform(8)):
+        baseline_ref = submit_uniform(plan, context, baseline[1])
     best_rows = evaluate_best(results, plan, context, frame, echo)
     reference = policy_costs(context.table, context.table.uniform(8))
     # Where the heavy steps ran (none of them in the driver): see orchestrator/remote.py.
@@ -816,6 +835,18 @@ def summarize(results, context, plan: SearchPlan, tracker, started: float, echo,
             last = last_line(exc) or type(exc).__name__
             echo(f"haqtune: warning: the uniform 8-bit policy's fine-tune failed ({last}); "
                  "its test accuracy is not reported")
+    uniform_budget = None
+    if baseline_ref is not None:
+        try:
+            got = ray.get(baseline_ref)
+            nodes["uniform_in_budget"] = got["node"]
+            (w_bits, a_bits), _ = baseline
+            uniform_budget = {"w_bits": w_bits, "a_bits": a_bits,
+                              **{key: got[key] for key in (M.VAL_ACC, M.TEST_ACC, *M.COST_METRICS, M.POLICY)}}
+        except Exception as exc:  # a comparison point, like uniform 8-bit
+            last = last_line(exc) or type(exc).__name__
+            echo(f"haqtune: warning: the fine-tune of uniform {'/'.join(map(str, baseline[0]))} (the widest "
+                 f"uniform policy inside the budget) failed ({last}); it is not reported")
     summary = {
         "search_id": search_id, "searcher": config.searcher, "num_trials": int(len(frame)),
         "failed_trials": int((frame["status"] == "FAILED").sum()),
@@ -823,6 +854,9 @@ def summarize(results, context, plan: SearchPlan, tracker, started: float, echo,
         "wall_time_s": time.time() - started, "ref_acc": context.ref_acc,
         "uniform_8bit": reference, "best": best_rows, "nodes": nodes,
     }
+    if compare_uniform:
+        # None: no uniform policy of the space fits, 8/8 does, or its fine-tune failed.
+        summary[M.UNIFORM_IN_BUDGET] = uniform_budget
     echo(f"\nhaqtune: {len(frame)} trials ({summary['failed_trials']} failed, "
          f"{summary['stopped_early_trials']} stopped early) in {summary['wall_time_s']:.0f} s; "
          f"reference (full precision) val_acc={context.ref_acc:.4f}; uniform 8-bit: "
@@ -832,11 +866,17 @@ def summarize(results, context, plan: SearchPlan, tracker, started: float, echo,
              f"test_acc={reference[M.TEST_ACC]:.4f}"
              + (f"; best policy's test_acc loss vs 8-bit: "
                 f"{(reference[M.TEST_ACC] - best_rows[0][M.TEST_ACC]) * 100:.2f} points" if best_rows else ""))
+    if uniform_budget is not None:
+        echo(format_uniform_in_budget(uniform_budget, reference, config.budget.metric,
+                                      best_rows[0] if best_rows else None))
+    elif compare_uniform and baseline is None:
+        echo(f"haqtune: no uniform policy of the search space fits the budget ({config.budget}): "
+             "only a mixed one meets it")
     if best_rows:
         if config.final_finetune is not None:
             echo(f"haqtune: final fine-tune ({config.final_finetune.epochs} epochs) of the best "
-                 f"{len(best_rows)} and uniform 8-bit; ranked by val_acc after it (the search's "
-                 "val_acc: search_val_acc in summary.json)")
+                 f"{len(best_rows)} and the uniform policies above; ranked by val_acc after it (the "
+                 "search's val_acc: search_val_acc in summary.json)")
         echo(format_best_table(best_rows, reference))
     from orchestrator.searchers import searcher_info
 
@@ -850,6 +890,9 @@ def summarize(results, context, plan: SearchPlan, tracker, started: float, echo,
                "wall_time_s": summary["wall_time_s"],
                **{f"uniform8_{key}": reference[key] for key in (*M.COST_METRICS, M.TEST_ACC)
                   if key in reference}}
+    if uniform_budget is not None:
+        metrics.update({f"{M.UNIFORM_IN_BUDGET}_{key}": uniform_budget[key]
+                        for key in ("w_bits", "a_bits", M.VAL_ACC, M.TEST_ACC, *M.COST_METRICS)})
     if best_rows:
         b = best_rows[0]
         if "search_val_acc" in b:
@@ -892,6 +935,18 @@ def summarize(results, context, plan: SearchPlan, tracker, started: float, echo,
     echo(f"haqtune: results in {plan.search_dir}")
     echo(f"haqtune: MLflow runs: {tracker.ui_hint()}")
     return summary
+
+
+def format_uniform_in_budget(row: dict, reference: dict, metric: str, best: dict | None) -> str:
+    """The summary's line on the widest uniform policy inside the budget, and the best
+    policy's test accuracy against it (positive: mixed precision wins)."""
+    reduction = f"{reference[metric] / row[metric]:.2f}x" if row[metric] > 0 else "-"
+    line = (f"haqtune: uniform {row['w_bits']}/{row['a_bits']}, the widest uniform policy inside the "
+            f"budget ({metric.split('_')[0]} {reduction} lower than 8-bit), fine-tuned: "
+            f"val_acc={row[M.VAL_ACC]:.4f} test_acc={row[M.TEST_ACC]:.4f}")
+    if best is not None:
+        line += f"; best policy's test_acc vs it: {(best[M.TEST_ACC] - row[M.TEST_ACC]) * 100:+.2f} points"
+    return line
 
 
 def format_best_table(rows: list[dict], reference: dict) -> str:

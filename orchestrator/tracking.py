@@ -177,6 +177,7 @@ RUNS_VIEW_NAME = "haqtune searches"
 RUNS_VIEW_COLUMNS = (
     ("tags", TAG_SEARCHER), ("metrics", "best_val_acc"), ("metrics", "best_test_acc"),
     ("metrics", "latency_reduction_x"), ("metrics", "energy_reduction_x"), ("metrics", "size_reduction_x"),
+    ("metrics", f"{M.UNIFORM_IN_BUDGET}_{M.TEST_ACC}"),
     ("metrics", M.VAL_ACC), ("metrics", M.LATENCY_MS), ("metrics", M.ENERGY_MJ), ("metrics", M.SIZE_MB),
     ("params", "budget"), ("params", "hardware"),
 )

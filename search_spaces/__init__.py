@@ -8,6 +8,7 @@ from ._budget import (
     check_feasible,
     policy_cost,
     project,
+    widest_uniform,
 )
 from ._space import (
     a_key,
@@ -43,4 +44,5 @@ __all__ = [
     "project",
     "solve_mckp",
     "w_key",
+    "widest_uniform",
 ]

@@ -55,6 +55,12 @@ def format_widths(widths: Iterable[int]) -> str:
     return ",".join(map(str, ws))
 
 
+def _at_most(widths: tuple[int, ...], k: int) -> int:
+    """The largest of ``widths`` (ascending) <= k, or the smallest if none is."""
+    below = [w for w in widths if w <= k]
+    return below[-1] if below else widths[0]
+
+
 @functools.lru_cache(maxsize=64)
 def _full(cls, num_layers: int, min_bits: int, max_bits: int):
     widths = tuple(range(min_bits, max_bits + 1))
@@ -221,6 +227,24 @@ class AllowedBits:
         both = self.mask[rows].all(axis=0)  # [2, 8]
         bits = np.arange(MIN_BITS, MAX_BITS + 1)
         return tuple(bits[both[0]].tolist()), tuple(bits[both[1]].tolist())
+
+    def uniform_pairs(self) -> list[tuple[int, int]]:
+        """The space's uniform (w, a) pairs, widest first, without duplicates: for each
+        width k of ``common()`` (highest first) the largest common w <= k and a <= k, so
+        ``w 4,8 a 8`` gives 8/8 and 4/8. Empty when no width is common to every searched layer.
+        Both columns fall with k, so the first pair inside a budget is the widest one that is."""
+        common_w, common_a = self.common()
+        if not common_w or not common_a:
+            return []
+        widths = sorted(set(common_w) | set(common_a), reverse=True)
+        return list(dict.fromkeys((_at_most(common_w, k), _at_most(common_a, k)) for k in widths))
+
+    def uniform(self, w_bits: int, a_bits: int) -> np.ndarray:
+        """``[L, 2]``: every layer at (w_bits, a_bits) where allowed; a fixed layer (e.g.
+        ``fix_first_last``) keeps its own width, so "uniform 4-bit" is 4/4 on every searched layer."""
+        pol = np.empty((self.num_layers, 2), dtype=np.int64)
+        pol[:, 0], pol[:, 1] = w_bits, a_bits
+        return self.snap(pol)
 
     def describe(self) -> str:
         """Short text for messages: ``w 2,4,8 a 4,8 (layers 1-10); w 8 a 8 (layers 0, 11)``."""

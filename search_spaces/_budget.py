@@ -81,6 +81,17 @@ def policy_cost(table: CostTable, policy, metric: str) -> float:
     return float(table.layer_costs(policy)[_METRIC_COLUMN[metric]].sum())
 
 
+def widest_uniform(table: CostTable, budget: Budget, allowed: AllowedBits) -> tuple[int, int] | None:
+    """The widest uniform (w, a) of the space (``AllowedBits.uniform_pairs``) whose own
+    cost is inside the budget, not projected; None when none is. The fixed-bit baseline a
+    mixed-precision policy under this budget has to beat."""
+    limit = budget.limit_for(table)
+    for pair in allowed.uniform_pairs():
+        if policy_cost(table, allowed.uniform(*pair), budget.metric) <= limit:
+            return pair
+    return None
+
+
 def _layer_metric(table: CostTable, metric: str) -> np.ndarray:
     """Per-layer cost of ``metric`` at every (w, a): shape [L, 8, 8], in the metric's unit."""
     if metric == "latency_ms":

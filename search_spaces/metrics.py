@@ -12,6 +12,9 @@ EPOCH = "epoch"
 POLICY = "policy"  # the projected (evaluated) policy, as "w/a w/a ..." text
 NODE = "node"  # text: "hostname (ip)" of the node a trial ran on (an MLflow tag, not a metric)
 NODE_ID = "node_id"  # text: its Ray node id (tells apart nodes that share an IP, e.g. a test cluster)
+# summary.json key and parent-run metric prefix (``uniform_in_budget_test_acc``, ...): the
+# widest uniform policy inside the budget, fine-tuned and tested like the best policies.
+UNIFORM_IN_BUDGET = "uniform_in_budget"
 DONE = "final"  # 1 on the final report of a trial, 0 on per-epoch reports
 
 COST_METRICS = (LATENCY_MS, ENERGY_MJ, SIZE_MB)

@@ -16,6 +16,7 @@ from search_spaces import (
     check_feasible,
     policy_cost,
     project,
+    widest_uniform,
 )
 
 BITS = list(range(1, 9))
@@ -90,6 +91,46 @@ def test_common_widths_skip_fixed_layers():
     allowed = AllowedBits.build(4, w_bits=[2, 4], a_bits=[4, 6], fix_first_last=True)
     assert allowed.common() == ((2, 4), (4, 6))
     assert AllowedBits.build(1, fix_first_last=True).common() == ((8,), (8,))  # every layer fixed
+
+
+def test_uniform_pairs_and_policies():
+    allowed = AllowedBits.build(4, w_bits=[4, 8], a_bits=[8], fix_first_last=True)
+    assert allowed.uniform_pairs() == [(8, 8), (4, 8)]  # w 4,8 a 8: k = 8, then k = 4 (a stays 8)
+    assert allowed.uniform(4, 8).tolist() == [[8, 8], [4, 8], [4, 8], [8, 8]]  # fixed layers keep 8/8
+    assert AllowedBits.full(3, 2, 5).uniform_pairs() == [(5, 5), (4, 4), (3, 3), (2, 2)]
+    # Nothing common to the searched layers (layer 0 takes only 2-bit weights, layer 1 only 8).
+    assert AllowedBits(((2,), (8,)), ((8,), (8,))).uniform_pairs() == []
+
+
+# The widest uniform policy inside a budget, by brute force over the space's uniform pairs
+# (k/k per common width k, snapped: ``test_uniform_pairs_and_policies``).
+@settings(max_examples=80, deadline=None)
+@given(data=st.data(), num_layers=st.integers(1, 8), seed=st.integers(0, 10_000), frac=st.floats(0.02, 1.0),
+       metric=st.sampled_from(["latency", "energy", "size"]))
+def test_widest_uniform_is_inside_and_nothing_wider_is(data, num_layers, seed, frac, metric):
+    table = synthetic_table(num_layers, seed)
+    allowed = data.draw(allowed_bits(num_layers))
+    budget = Budget.parse(f"{metric}={frac}")
+    limit = budget.limit_for(table)
+    fits = {(w, a) for w, a in allowed.uniform_pairs()
+            if policy_cost(table, allowed.uniform(w, a), budget.metric) <= limit}
+    pair = widest_uniform(table, budget, allowed)
+    if pair is None:  # nothing fits, not even the narrowest uniform policy
+        assert not fits
+        return
+    assert pair in fits
+    # No uniform policy that is at least as wide in both and wider in one fits.
+    assert not [(w, a) for w, a in fits if w >= pair[0] and a >= pair[1] and (w, a) != pair]
+
+
+def test_widest_uniform_under_a_tight_budget():
+    table = synthetic_table(5, 3)
+    allowed = AllowedBits.full(5, 2, 8)
+    costs = {k: policy_cost(table, table.uniform(k), "latency_ms") for k in range(2, 9)}
+    # Just above uniform 3/3's latency: 3/3 fits, 4/4 does not.
+    budget = Budget("latency_ms", costs[3] * (1 + 1e-9))
+    assert widest_uniform(table, budget, allowed) == (3, 3)
+    assert widest_uniform(table, Budget("latency_ms", costs[2] * 0.99), allowed) is None
 
 
 # ---- projection ---------------------------------------------------------------------------

@@ -331,7 +331,7 @@ def test_search_then_generate_evaluate(tmp_path, monkeypatch):
 
     (tmp_path / "aq.yaml").write_text(
         "searcher: aqgan\nnum_trials: 6\nhardware: bitfusion\nbudget: energy=0.5\nexperiment: aq\n"
-        "reference: {epochs: 3}\nfinetune: {epochs: 1}\ntest_top_k: 1\n"
+        "reference: {epochs: 3}\nfinetune: {epochs: 1}\ntest_top_k: 1\nfinal_finetune: null\n"
         "searcher_options: {warmup: 4, train_steps: 60, hidden: 32, history_from_experiment: true}\n")
     proc = run_cli(["search", "aq.yaml"], tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]

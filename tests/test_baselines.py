@@ -383,7 +383,7 @@ def test_search_through_the_cli(tmp_path, searcher, budget, expected_trials):
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     # Small on purpose (2 shared cores): what is checked is the searcher's path through the CLI.
-    (tmp_path / "small.yaml").write_text("reference: {epochs: 3}\nfinetune: {epochs: 1}\ntest_top_k: 1\n")
+    (tmp_path / "small.yaml").write_text("reference: {epochs: 3}\nfinetune: {epochs: 1}\ntest_top_k: 1\nfinal_finetune: null\n")
     proc = run_cli(["search", "small.yaml", "--searcher", searcher, "--num-trials", 12 if searcher == "uniform" else 8,
                     "--hardware", "bismo-cloud", "--budget", budget, "--tracking-uri", uri], tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]

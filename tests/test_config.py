@@ -9,7 +9,9 @@ from search_spaces import AllowedBits, Budget
 
 
 def test_demo_yaml_equals_embedded_defaults():
-    assert SearchConfig.from_yaml("configs/demo.yaml") == SearchConfig()
+    assert SearchConfig.from_yaml("configs/demo.yaml") == SearchConfig.demo()
+    # The demo searches every layer; a config file that leaves it unset keeps haq's 8/8 ends.
+    assert not SearchConfig.demo().fixes_first_last and SearchConfig().fixes_first_last
 
 
 def test_frozen_and_overrides():
@@ -40,7 +42,7 @@ def test_roundtrip_through_yaml(tmp_path):
     ("budget: speed=2", "budget"),
     ("finetune: {epochs: -1}", "finetune.epochs"),
     ("finetune: {foo: 1}", "finetune: unknown setting"),
-    ("bits: {w: [2, 9]}", r"bits.w: expected bit widths in \[1, 8\], got 9"),
+    ("bits: {w: [2, 9]}", r"bits.w: expected bit widths in \[2, 8\], got 9"),
     ("bits: {a: []}", "bits.a: expected at least one bit width"),
     ("bits: {w: 4}", "bits.w: expected a list of bit widths"),
     ("bits: {weights: [4]}", "bits: expected a mapping with keys w and/or a"),
@@ -80,9 +82,9 @@ def test_bit_sets_and_fix_first_last(tmp_path):
     assert SearchConfig(searcher="tpe").replace(searcher="haq").fixes_first_last  # resolved late
     assert not SearchConfig(searcher="haq", fix_first_last=False).fixes_first_last
     assert SearchConfig(searcher="tpe", fix_first_last=True).fixes_first_last
-    assert SearchConfig(searcher="random").allowed_bits(3) == AllowedBits.full(3)
+    assert SearchConfig(searcher="random").allowed_bits(3) == AllowedBits.full(3, 2, 8)  # min_bits 2
     # The default searcher is haq, so the default search fixes the first and last layers.
-    assert SearchConfig().allowed_bits(3).w == ((8,), tuple(range(1, 9)), (8,))
+    assert SearchConfig().allowed_bits(3).w == ((8,), tuple(range(2, 9)), (8,))
 
 
 def test_search_states_its_bits_and_the_hardwares_natural_set():
@@ -91,7 +93,7 @@ def test_search_states_its_bits_and_the_hardwares_natural_set():
     lines = []
     prepared = prepare(SearchConfig(searcher="haq", hardware="bitfusion", budget=None))
     _echo_bits(prepared, lines.append)
-    assert lines[0] == ("haqtune: bits w 8 a 8 (layers 0, 11); w 1-8 a 1-8 (layers 1-10) "
+    assert lines[0] == ("haqtune: bits w 8 a 8 (layers 0, 11); w 2-8 a 2-8 (layers 1-10) "
                         "(first and last layers fixed: fix_first_last)")
     assert "natural bits 2, 4, 8" in lines[1] and "bits: {w: [2, 4, 8], a: [2, 4, 8]}" in lines[1]
     lines.clear()  # already on the natural set: no note
@@ -110,7 +112,7 @@ def test_quantizer_options_are_validated():
     with pytest.raises(HaqtuneError, match="weight_quantizer: choose between linear, kmeans, got 'lloyd'"):
         SearchConfig(weight_quantizer="lloyd")
     # Weight-only quantization leaves activations in float: only a size budget is meaningful.
-    with pytest.raises(HaqtuneError, match="quantize: weights .* needs a size budget.*got latency=0.5"):
+    with pytest.raises(HaqtuneError, match="quantize: weights .* needs a size budget.*got energy=0.5"):
         SearchConfig(quantize="weights")
     assert SearchConfig(quantize="weights", budget=None).budget is None
 
@@ -138,7 +140,11 @@ def test_final_finetune_takes_unset_keys_from_the_search_finetune(tmp_path):
     cfg = SearchConfig.from_dict({"finetune": {"epochs": 1, "lr": 0.02, "batch_size": 32},
                                   "final_finetune": {"epochs": 30}})
     assert cfg.final_finetune == TrainConfig(epochs=30, lr=0.02, batch_size=32)
-    assert SearchConfig().final_finetune is None  # default: test the trials' own checkpoints
+    # Default: HAQ's 30 epochs, distilled from the reference, the rest from ``finetune``.
+    assert SearchConfig().final_finetune == TrainConfig(epochs=30, lr=0.01, batch_size=64, distill_weight=0.5,
+                                                        distill_temperature=2.0)
+    assert SearchConfig.from_dict({"finetune": {"lr": 0.03}}).final_finetune.lr == 0.03
+    assert SearchConfig.from_yaml_text("final_finetune: null\n").final_finetune is None  # the trials' own
     cfg.write_yaml(tmp_path / "c.yaml")  # a resumed search reads the same settings back
     assert SearchConfig.from_yaml(tmp_path / "c.yaml") == cfg
     with pytest.raises(HaqtuneError, match="fp16 runs on GPUs only"):
@@ -152,6 +158,13 @@ def test_final_epochs_flag(tmp_path):
 
     result = CliRunner().invoke(main, ["search", "--final-epochs", "12", "--dry-run"])
     assert result.exit_code == 0, result.output
-    assert "final:     the best 3 and uniform 8-bit fine-tuned 12 epochs, lr 0.01, batch 64" in result.output
-    result = CliRunner().invoke(main, ["search", "--final-epochs", "-1", "--dry-run"])
-    assert result.exit_code == 2 and "final_finetune.epochs" in result.output
+    assert ("final:     the best 3, uniform 8-bit and uniform 2/2 fine-tuned 12 epochs, lr 0.01, batch 64"
+            in result.output)
+    assert "distilled from the reference (weight 0.5, T 2)" in result.output  # the default's settings kept
+    result = CliRunner().invoke(main, ["search", "--final-epochs", "none", "--dry-run"])
+    assert result.exit_code == 0, result.output
+    assert ("final:     the best 3 trials' own checkpoints tested; uniform 8-bit and uniform 2/2 fine-tuned "
+            "like a trial and tested") in result.output
+    for bad in ("-1", "ten"):
+        result = CliRunner().invoke(main, ["search", "--final-epochs", bad, "--dry-run"])
+        assert result.exit_code == 2 and "--final-epochs: expected an integer >= 0 or none" in result.output

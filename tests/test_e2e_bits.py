@@ -15,10 +15,12 @@ CONFIG = """\
 searcher: haq            # fix_first_last defaults to true for haq
 num_trials: 4
 bits: {w: [4, 8], a: [8]}
+hardware: bismo-edge
 budget: latency=0.95     # binding: the all-8/8 policy is over it
 reference: {epochs: 1}     # what is checked here is bits, not accuracy
 finetune: {epochs: 0}
 test_top_k: 1
+final_finetune: null
 """
 
 

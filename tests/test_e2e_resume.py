@@ -29,7 +29,8 @@ from e2e import HAQTUNE, run_cli, runs_of
 pytestmark = pytest.mark.slow
 
 # A shorter reference training than the demo's (the tests are about resume, not accuracy).
-QUICK_REFERENCE = "reference: {epochs: 6}\n"
+# The trials' own checkpoints are what a resumed search must keep: no final fine-tune.
+QUICK_REFERENCE = "reference: {epochs: 6}\nfinal_finetune: null\n"
 LINE = re.compile(r"^\[(\d+)/(\d+)\] (\S+) (ok|FAILED|stopped early): (.*)$")
 
 
@@ -171,7 +172,7 @@ def test_killed_driver_resumes_without_loss_or_duplicates(tmp_path, searcher):
     best = summary["best"][0]
     assert best["checkpoint_val_acc"] == best["val_acc"]  # the reported model is the trial's own
     # The search's own files are readable by the commands taking that kind of file.
-    cost = run_cli(["cost", "--model", "demo", "--hardware", "bismo-edge", "--policy",
+    cost = run_cli(["cost", "--model", "demo", "--hardware", "bitfusion", "--policy",
                     search_dir / "best_policy.json", "--json"], elsewhere, timeout=120)
     assert cost.returncode == 0, cost.stderr
     assert json.loads(cost.stdout)["latency_ms"] == pytest.approx(best["latency_ms"])

@@ -17,7 +17,9 @@ def _search_dir(cwd):
 
 def test_demo_search_defaults(tmp_path):
     n = 6
-    proc = run_cli(["search", "--num-trials", n], tmp_path)
+    # The default final fine-tune (30 distilled epochs) shortened: what is checked is that it
+    # and the uniform comparisons run, not the accuracy they reach.
+    proc = run_cli(["search", "--num-trials", n, "--final-epochs", 2], tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert f"[{n}/{n}]" in proc.stdout and "policy w/a per layer" in proc.stdout
     assert "workflowType=machine_learning" in proc.stdout
@@ -29,25 +31,39 @@ def test_demo_search_defaults(tmp_path):
     assert summary["best"] and 0 <= summary["best"][0]["test_acc"] <= 1
     # The uniform 8-bit policy is fine-tuned and tested too: the loss vs 8-bit is readable.
     assert 0.9 <= summary["uniform_8bit"]["test_acc"] <= 1
+    # And so is the widest uniform policy inside the budget (the demo searches every layer,
+    # first and last too): the baseline the mixed policy must beat, with its verdict.
+    uniform = summary["uniform_in_budget"]
+    assert (uniform["w_bits"], uniform["a_bits"]) == (2, 2)
+    assert uniform["policy"] == " ".join(["2/2"] * 12)
+    limit = 0.5 * summary["uniform_8bit"]["energy_mj"]
+    assert uniform["energy_mj"] <= limit and 0 <= uniform["test_acc"] <= 1
+    gain = (summary["best"][0]["test_acc"] - uniform["test_acc"]) * 100
+    assert (f"haqtune: uniform 2/2, the widest uniform policy inside the budget (energy "
+            f"{summary['uniform_8bit']['energy_mj'] / uniform['energy_mj']:.2f}x lower than 8-bit)") in proc.stdout
+    assert f"best policy's test_acc vs it: {gain:+.2f} points" in proc.stdout
 
     parents, children = runs_of(f"sqlite:///{tmp_path / 'mlflow.db'}")
     assert len(parents) == 1 and len(children) == n
     parent = parents[0]
     assert parent.data.tags["haqtune.searcher"] == "haq"  # the default searcher
-    assert parent.data.params["hardware"] == "bismo-edge"
+    assert parent.data.params["hardware"] == "bitfusion" and parent.data.params["budget"] == "energy=0.5"
+    assert parent.data.params["fix_first_last"] == "False" and parent.data.params["bits"] == "w 2-8 a 2-8"
+    assert "distill_weight=0.5" in parent.data.params["final_finetune"]
+    assert parent.data.metrics["uniform_in_budget_test_acc"] == float(f"{uniform['test_acc']:.4g}")  # 4 digits
+    assert parent.data.metrics["uniform_in_budget_w_bits"] == 2
     num_layers = int(parent.data.params["num_layers"])
     keys = {f"{p}_{i}" for i in range(num_layers) for p in "wa"}
-    limit = 0.5 * summary["uniform_8bit"]["latency_ms"]
     for child in children:
         assert child.data.tags["mlflow.parentRunId"] == parent.info.run_id
         assert keys <= set(child.data.params)
         assert 0 <= child.data.metrics["val_acc"] <= 1
-        assert child.data.metrics["latency_ms"] <= limit  # default budget latency=0.5
+        assert child.data.metrics["energy_mj"] <= limit  # default budget energy=0.5
         assert child.info.status == "FINISHED"
 
 
 def test_tpe_size_budget_with_asha(tmp_path):
-    (tmp_path / "small.yaml").write_text("reference: {epochs: 3}\ntest_top_k: 1\n")
+    (tmp_path / "small.yaml").write_text("reference: {epochs: 3}\ntest_top_k: 1\nfinal_finetune: null\n")
     proc = run_cli(["search", "small.yaml", "--searcher", "tpe", "--budget", "size=0.5", "--num-trials", 8,
                     "--scheduler", "asha", "--tracking-uri", f"sqlite:///{tmp_path / 'store.db'}"], tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -56,6 +72,10 @@ def test_tpe_size_budget_with_asha(tmp_path):
     _, children = runs_of(f"sqlite:///{tmp_path / 'store.db'}")
     assert len(children) == 8
     assert all(c.data.metrics["size_mb"] <= 0.5 * size8 for c in children)
+    # Without a final fine-tune the uniform baseline gets the trials' fine-tune; 4 bits is
+    # exactly half the 8-bit size, so 4/4 is the widest uniform policy inside size=0.5.
+    uniform = summary["uniform_in_budget"]
+    assert (uniform["w_bits"], uniform["a_bits"]) == (4, 4) and uniform["size_mb"] == 0.5 * size8
     # ASHA may stop trials after their first epoch: they end KILLED, with the val_acc reached.
     assert {c.info.status for c in children} <= {"FINISHED", "KILLED"}
     assert not (tmp_path / "mlflow.db").exists()  # --tracking-uri was honoured
@@ -78,6 +98,9 @@ def test_failed_trials_do_not_kill_the_search(tmp_path):
     assert "the final fine-tune of trial" in proc.stdout and "DivergedError" in proc.stdout
     # The uniform 8-bit comparison diverges too: reported as a warning, not a crash.
     assert "uniform 8-bit policy's fine-tune failed" in proc.stdout
+    assert ("the fine-tune of uniform 2/2 (the widest uniform policy inside the budget) failed "
+            "(trainables.training.DivergedError") in proc.stdout
+    assert summary["uniform_in_budget"] is None
     assert "test_acc" not in summary["uniform_8bit"]
 
 
@@ -87,7 +110,7 @@ def test_failed_trials_do_not_kill_the_search(tmp_path):
     (["search", "--searcher", "nope"], None, "unknown searcher 'nope'"),
     (["search", "--max-bits", "9"], None, "max_bits <= 8"),
     (["search", "--min-bits", "0"], None, "1 <= min_bits"),
-    (["search", "bad.yaml"], "bits: {w: [2, 9], a: [8]}", "bits.w: expected bit widths in [1, 8], got 9"),
+    (["search", "bad.yaml"], "bits: {w: [2, 9], a: [8]}", "bits.w: expected bit widths in [2, 8], got 9"),
     (["search", "bad.yaml"], "bits: {w: [4], a: []}", "bits.a: expected at least one bit width"),
     (["search", "--budget", "size_mb=0.000001"], None, "infeasible"),
     (["search", "--num-trials", "0"], None, "num_trials: expected an integer >= 1"),

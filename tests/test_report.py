@@ -75,7 +75,8 @@ def two_searches(tmp_path, tmp_path_factory, monkeypatch):
         tracker.log_summary({"best_val_acc": max(accs), "best_test_acc": max(accs) - 0.01,
                              "best_latency_ms": 0.2, "best_energy_mj": 0.3, "best_size_mb": 0.005,
                              "latency_reduction_x": reduction, "energy_reduction_x": 1.5,
-                             "size_reduction_x": 1.7}, {})
+                             "size_reduction_x": 1.7,
+                             **({"uniform_in_budget_test_acc": 0.9} if searcher == "tpe" else {})}, {})
         tracker.end()
     return uri
 
@@ -90,6 +91,9 @@ def test_compare_two_searches(two_searches, tmp_path):
     assert frame.loc["random", "trials"] == 4 and frame.loc["tpe", "trials"] == 4
     assert frame.loc["random", "best_val_acc"] == pytest.approx(0.95)
     assert frame.loc["tpe", "latency_reduction_x"] == pytest.approx(2.4)
+    # tpe's best test_acc 0.89 vs its uniform baseline's 0.9; random logged none.
+    assert frame.loc["tpe", "vs_uniform_pts"] == pytest.approx(-1.0) and pd.isna(frame.loc["random", "vs_uniform_pts"])
+    assert "vs_uniform_pts" in result.output and "-1.00" in result.output
     assert frame.loc["random", "budget"] == "latency=0.5" and frame.loc["tpe", "hardware"] == "bismo-edge"
     # 99% of the best: random needs its 4th trial (0.95), tpe its 2nd (0.9 >= 0.99 * 0.9).
     assert frame.loc["random", "trials_to_99pct"] == 4 and frame.loc["tpe", "trials_to_99pct"] == 2

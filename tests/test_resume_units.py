@@ -54,7 +54,7 @@ def test_resolved_config_is_absolute_and_round_trips(tmp_path, monkeypatch):
 
 def test_default_searcher_is_haq():
     assert SearchConfig().searcher == "haq"
-    assert SearchConfig.from_yaml(Path(__file__).parents[1] / "configs" / "demo.yaml") == SearchConfig()
+    assert SearchConfig.from_yaml(Path(__file__).parents[1] / "configs" / "demo.yaml") == SearchConfig.demo()
 
 
 def test_resume_check_refuses_a_store_without_the_runs(tmp_path, tmp_path_factory, monkeypatch):

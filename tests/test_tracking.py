@@ -378,7 +378,7 @@ def test_server_started_late_receives_everything(server, tmp_path):
 # Small on purpose (2 shared cores): 3 one-epoch trials, a short reference, one test re-run.
 FAST_CONFIG = ("num_trials: 3\nmax_concurrent: 2\ntest_top_k: 1\n"
                "finetune: {epochs: 1, lr: 0.01, batch_size: 64}\n"
-               "reference: {epochs: 3, lr: 0.05, batch_size: 64, weight_decay: 0.0001}\n")
+               "reference: {epochs: 3, lr: 0.05, batch_size: 64, weight_decay: 0.0001}\nfinal_finetune: null\n")
 
 
 @pytest.fixture(scope="module")
@@ -409,7 +409,8 @@ def test_search_logs_to_a_real_server_over_http(server, storage_dir, tmp_path):
     for key in ("best_val_acc", "best_test_acc", "latency_reduction_x", "energy_reduction_x",
                 "size_reduction_x", "uniform8_latency_ms"):
         assert key in parent.data.metrics, key
-    assert parent.data.metrics["latency_reduction_x"] >= 2.0 - 1e-6  # budget latency=0.5
+    assert parent.data.metrics["energy_reduction_x"] >= 2.0 - 1e-6  # budget energy=0.5 (the default)
+    assert parent.data.metrics["uniform_in_budget_energy_mj"] <= parent.data.metrics["uniform8_energy_mj"] / 2
     artifacts = {a.path: a.file_size for a in client.list_artifacts(parent.info.run_id)}
     for name in ("config.yaml", "results.csv", "best_policy.json", "policy.png", "pareto.png"):
         assert artifacts.get(name), name

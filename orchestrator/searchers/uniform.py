@@ -63,12 +63,6 @@ def _bit_list(label: str, values, allowed: tuple[int, ...]) -> list[int]:
     return out
 
 
-def _at_most(widths: tuple[int, ...], k: int) -> int:
-    """The largest of ``widths`` <= k, or the smallest if none is."""
-    below = [w for w in widths if w <= k]
-    return below[-1] if below else widths[0]
-
-
 def uniform_pairs(problem: SearchProblem, *, bits=None, w_bits=None, a_bits=None) -> list[tuple[int, int]]:
     """The (w, a) pairs the searcher suggests, in order, without duplicates."""
     if bits is not None and (w_bits is not None or a_bits is not None):
@@ -90,8 +84,7 @@ def uniform_pairs(problem: SearchProblem, *, bits=None, w_bits=None, a_bits=None
         both = tuple(sorted(set(common_w) & set(common_a)))
         pairs = [(k, k) for k in _bit_list("bits", bits, both)]
     else:
-        widths = sorted(set(common_w) | set(common_a), reverse=True)
-        pairs = [(_at_most(common_w, k), _at_most(common_a, k)) for k in widths]
+        pairs = problem.allowed.uniform_pairs()
     return list(dict.fromkeys(pairs))
 
 
@@ -107,10 +100,7 @@ class UniformSearcher(SearchPropertiesMixin, Searcher):
         self.completed: dict[str, int] = {}
 
     def _config(self, index: int) -> dict:
-        w, a = self.pairs[index]
-        pol = np.empty((self.problem.num_layers, 2), dtype=np.int64)
-        pol[:, 0], pol[:, 1] = w, a
-        return config_from_policy(self.problem.allowed.snap(pol))  # fixed layers: their width
+        return config_from_policy(self.problem.allowed.uniform(*self.pairs[index]))  # fixed layers: their width
 
     def suggest(self, trial_id: str):
         if trial_id in self._pending:  # asked twice: same answer
