@@ -115,6 +115,9 @@ class SearchConfig:
     gpus_per_trial: float = 0.0
     max_failures: int = 1
     test_top_k: int = 3
+    # With a budget, also fine-tune and test the widest uniform policy inside it (like
+    # uniform 8-bit): the baseline the best policy has to beat. One more final fine-tune.
+    compare_uniform: bool = True
     # Quantizer (trainables.quantize.QuantOptions): per_channel | per_tensor, linear | kmeans,
     # weights+activations | weights (weight-only, HAQ's model-size experiments).
     weight_granularity: str = "per_channel"
@@ -161,6 +164,8 @@ class SearchConfig:
         self._check_bit_sets()
         if self.fix_first_last is not None and not isinstance(self.fix_first_last, bool):
             raise HaqtuneError(f"fix_first_last: expected true or false, got {self.fix_first_last!r}")
+        if not isinstance(self.compare_uniform, bool):
+            raise HaqtuneError(f"compare_uniform: expected true or false, got {self.compare_uniform!r}")
         if self.scheduler not in SCHEDULERS:
             raise HaqtuneError(f"scheduler: choose between {', '.join(SCHEDULERS)}, got {self.scheduler!r}")
         for name in ("cpus_per_trial", "gpus_per_trial"):

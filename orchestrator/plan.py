@@ -41,7 +41,7 @@ def format_plan(prepared: PreparedSearch) -> str:
             budget += "; no uniform policy fits"
         else:
             budget += f"; widest uniform policy inside: {pair[0]}/{pair[1]}"
-            if pair != (8, 8):
+            if pair != (8, 8) and config.compare_uniform:
                 baseline += f" and uniform {pair[0]}/{pair[1]}"
     else:
         budget = "none (accuracy only)"

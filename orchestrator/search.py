@@ -812,7 +812,7 @@ def summarize(results, context, plan: SearchPlan, tracker, started: float, echo,
     eight_ref = submit_uniform(plan, context, context.table.uniform(8)) if evaluate else None
     # The fixed-bit baseline inside the budget, trained and tested like the rest: mixed
     # precision is only worth its search where it beats this.
-    compare_uniform = evaluate and context.budget is not None
+    compare_uniform = evaluate and context.budget is not None and config.compare_uniform
     baseline = uniform_in_budget(context) if compare_uniform else None
     baseline_ref = None
     # A budget that fits 8/8 has the uniform 8-bit row as its baseline.

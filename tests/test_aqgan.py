@@ -331,7 +331,7 @@ def test_search_then_generate_evaluate(tmp_path, monkeypatch):
 
     (tmp_path / "aq.yaml").write_text(
         "searcher: aqgan\nnum_trials: 6\nhardware: bitfusion\nbudget: energy=0.5\nexperiment: aq\n"
-        "reference: {epochs: 3}\nfinetune: {epochs: 1}\ntest_top_k: 1\nfinal_finetune: null\n"
+        "reference: {epochs: 3}\nfinetune: {epochs: 1}\ntest_top_k: 1\nfinal_finetune: null\nmin_bits: 1\ncompare_uniform: false\n"
         "searcher_options: {warmup: 4, train_steps: 60, hidden: 32, history_from_experiment: true}\n")
     proc = run_cli(["search", "aq.yaml"], tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -378,7 +378,8 @@ def test_search_then_generate_evaluate(tmp_path, monkeypatch):
     assert proc.returncode == 2 and len(lines) == 1 and "--target-acc: expected a fraction" in lines[0], proc.stderr
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    # A budget far tighter than the search's, at its best accuracy: every policy that fits
+    # A budget far tighter than the search's (min_bits 1 above keeps it feasible), at its
+    # best accuracy: every policy that fits
     # is predicted short of the target, and generate says so (one warning, no failure).
     result = CliRunner().invoke(main, ["generate", "--experiment", "aq", "--target-acc", str(accs[-1]),
                                        "--num", "2", "--hardware", "bitfusion", "--budget", "energy=0.35"])

@@ -373,7 +373,7 @@ def test_pareto_front_matches_brute_force():
 
 @pytest.mark.slow
 @pytest.mark.parametrize(("searcher", "budget", "expected_trials"), [
-    ("uniform", "latency=0.6", 8),  # 8 uniform policies: FINISHED ends the search early
+    ("uniform", "latency=0.6", 7),  # 7 uniform policies (8/8 .. 2/2): FINISHED ends the search early
     ("nsga2", "none", 8),
     # sensitivity-dp runs through the CLI in tests/test_cluster.py (its measurement on
     # worker nodes, max_concurrent trials at once, every trial in MLflow).
@@ -404,6 +404,11 @@ def test_search_through_the_cli(tmp_path, searcher, budget, expected_trials):
         assert "pareto_front" not in summary
         limit = 0.6 * summary["uniform_8bit"][M.LATENCY_MS]
         assert all(c.data.metrics[M.LATENCY_MS] <= limit for c in children)
+        # The uniform searcher's widest trial that stayed uniform (the budget projection
+        # lowers wider ones unevenly) is the summary's uniform baseline inside the budget.
+        kept = [c.data.params["policy"] for c in children if len(set(c.data.params["policy"].split())) == 1]
+        widest = max(kept, key=lambda policy: int(policy.split("/")[0]))
+        assert summary["uniform_in_budget"]["policy"] == widest and widest != " ".join(["8/8"] * 12)
 
 
 def test_registry_lists_every_baseline():

@@ -20,6 +20,7 @@ max_concurrent: 2
 reference: {epochs: 3, lr: 0.1, batch_size: 64}
 finetune: {epochs: 1, lr: 0.01, batch_size: 64}
 final_finetune: null
+compare_uniform: false
 """
 
 

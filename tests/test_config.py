@@ -38,6 +38,7 @@ def test_roundtrip_through_yaml(tmp_path):
     ("min_bits: 0", "bits: expected 1 <= min_bits"),
     ("max_bits: 9", "bits: expected 1 <= min_bits"),
     ("searcher: nope", "unknown searcher 'nope'"),
+    ("compare_uniform: maybe", "compare_uniform: expected true or false, got 'maybe'"),
     ("scheduler: hyperband", "scheduler: choose between"),
     ("budget: speed=2", "budget"),
     ("finetune: {epochs: -1}", "finetune.epochs"),

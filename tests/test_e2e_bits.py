@@ -21,6 +21,7 @@ reference: {epochs: 1}     # what is checked here is bits, not accuracy
 finetune: {epochs: 0}
 test_top_k: 1
 final_finetune: null
+compare_uniform: false
 """
 
 

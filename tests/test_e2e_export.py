@@ -17,7 +17,9 @@ max_concurrent: 2
 reference: {epochs: 3, lr: 0.05, batch_size: 64}
 finetune: {epochs: 1, lr: 0.01, batch_size: 64}
 final_finetune: {epochs: 3}
+hardware: bismo-edge
 budget: latency=0.6
+compare_uniform: false
 """
 
 

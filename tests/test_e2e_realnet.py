@@ -29,7 +29,7 @@ def _config(tmp_path):
         # epochs would retrain the reference if the checkpoint were not used as it is
         "reference": {"weights": str(ckpt), "epochs": 3, "lr": 0.05},
         "finetune": {"epochs": 1, "lr": 0.01, "batch_size": 4, "max_steps_per_epoch": 2},
-        "test_top_k": 1, "final_finetune": None,
+        "test_top_k": 1, "final_finetune": None, "compare_uniform": False,
     }
     (tmp_path / "search.yaml").write_text(yaml.safe_dump(config))
     return root, ckpt

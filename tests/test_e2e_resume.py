@@ -30,7 +30,7 @@ pytestmark = pytest.mark.slow
 
 # A shorter reference training than the demo's (the tests are about resume, not accuracy).
 # The trials' own checkpoints are what a resumed search must keep: no final fine-tune.
-QUICK_REFERENCE = "reference: {epochs: 6}\nfinal_finetune: null\n"
+QUICK_REFERENCE = "reference: {epochs: 6}\nfinal_finetune: null\ncompare_uniform: false\n"
 LINE = re.compile(r"^\[(\d+)/(\d+)\] (\S+) (ok|FAILED|stopped early): (.*)$")
 
 

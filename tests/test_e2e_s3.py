@@ -32,7 +32,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.cluster]
 # tpe: the Optuna path's resume (its study restored, no trial suggested twice) is checked
 # here; tests/test_e2e_resume.py checks haq's on a local directory.
 SEARCH_YAML = ("searcher: tpe\nnum_trials: {n}\ntest_top_k: 1\n"
-               "reference: {{epochs: 4}}\nfinetune: {{epochs: 1}}\nfinal_finetune: null\n")
+               "reference: {{epochs: 4}}\nfinetune: {{epochs: 1}}\nfinal_finetune: null\ncompare_uniform: false\n")
 
 
 @pytest.fixture(scope="module")
