@@ -16,10 +16,10 @@ def _search_dir(cwd):
 
 
 def test_demo_search_defaults(tmp_path):
-    n = 6
+    n = 4
     # The default final fine-tune (30 distilled epochs) shortened: what is checked is that it
     # and the uniform comparisons run, not the accuracy they reach.
-    proc = run_cli(["search", "--num-trials", n, "--final-epochs", 2], tmp_path)
+    proc = run_cli(["search", "--num-trials", n, "--final-epochs", 1], tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert f"[{n}/{n}]" in proc.stdout and "policy w/a per layer" in proc.stdout
     assert "workflowType=machine_learning" in proc.stdout
