@@ -28,18 +28,14 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from final_distill import POINTS, parse_variant  # noqa: E402
 
 from orchestrator.config import SearchConfig  # noqa: E402
 from orchestrator.search import local_context, prepare  # noqa: E402
 from search_spaces import Budget, format_policy, project  # noqa: E402
 from trainables.trial import finetune_policy  # noqa: E402
-
-POINTS = 100.0
-
-
-def parse_variant(text: str) -> tuple[float, float]:
-    weight, _, temperature = text.partition(":")
-    return float(weight), float(temperature or 1.0)
 
 
 def main() -> None:
