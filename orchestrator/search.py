@@ -766,11 +766,12 @@ def final_finetune_best(best: list[dict], plan: SearchPlan, context, echo) -> li
     return out
 
 
-def submit_uniform(plan: SearchPlan, context, policy: np.ndarray):
-    """A uniform policy (8-bit, or the widest one inside the budget) fine-tuned
+def submit_uniform(plan: SearchPlan, context, policies: dict[str, np.ndarray]) -> dict:
+    """Uniform policies (8-bit, and the widest one inside the budget) fine-tuned
     (``final_finetune`` when set) and test-evaluated like the best ones, not projected, in
-    a Ray task with a trial's resources (nothing heavy runs in the driver); returns its
-    ObjectRef, so it runs alongside the final evaluations."""
+    Ray tasks with a trial's resources (nothing heavy runs in the driver). Returns their
+    ObjectRefs by name, so they run alongside the final evaluations; the context (the
+    reference's weights) goes to the object store once for all of them."""
     import ray
 
     from trainables import evaluate_on_test
@@ -783,7 +784,23 @@ def submit_uniform(plan: SearchPlan, context, policy: np.ndarray):
 
         return {**evaluate_on_test(ctx, policy, project=False), "node": node_info()}
 
-    return evaluate_task.remote(final_context(plan, context), policy)
+    shared = ray.put(final_context(plan, context)) if policies else None
+    return {name: evaluate_task.remote(shared, policy) for name, policy in policies.items()}
+
+
+def gather_comparison(ref, echo, failed: str) -> dict | None:
+    """The result of one ``submit_uniform`` task, or None after the warning ``failed``
+    (formatted with the error's ``last`` line): a comparison point's failed fine-tune must
+    not lose the finished search."""
+    import ray
+
+    if ref is None:
+        return None
+    try:
+        return ray.get(ref)
+    except Exception as exc:
+        echo("haqtune: warning: " + failed.format(last=last_line(exc) or type(exc).__name__))
+        return None
 
 
 def uniform_in_budget(context) -> tuple[tuple[int, int], np.ndarray] | None:
@@ -801,52 +818,43 @@ def summarize(results, context, plan: SearchPlan, tracker, started: float, echo,
     print, log, write ``summary.json`` into the search directory."""
     import json
 
-    import ray
-
     from trainables.node import node_info
     from trainables.trial import policy_costs
 
     config, search_id = plan.config, plan.search_id
     frame = results_frame(results)
     evaluate = config.test_top_k > 0
-    eight_ref = submit_uniform(plan, context, context.table.uniform(8)) if evaluate else None
     # The fixed-bit baseline inside the budget, trained and tested like the rest: mixed
     # precision is only worth its search where it beats this.
     compare_uniform = evaluate and context.budget is not None and config.compare_uniform
     baseline = uniform_in_budget(context) if compare_uniform else None
-    baseline_ref = None
+    uniforms = {"uniform_8bit": context.table.uniform(8)} if evaluate else {}
     # A budget that fits 8/8 has the uniform 8-bit row as its baseline.
     if baseline is not None and not np.array_equal(baseline[1], context.table.uniform(8)):
-        baseline_ref = submit_uniform(plan, context, baseline[1])
+        uniforms["uniform_in_budget"] = baseline[1]
+    refs = submit_uniform(plan, context, uniforms)
     best_rows = evaluate_best(results, plan, context, frame, echo)
     reference = policy_costs(context.table, context.table.uniform(8))
     # Where the heavy steps ran (none of them in the driver): see orchestrator/remote.py.
     nodes = {"driver": node_info(), "reference": context.extra.get(REFERENCE_NODE),
              "final_evaluation": [row.pop("node") for row in best_rows]}
-    if config.test_top_k > 0:
-        # The uniform 8-bit policy, fine-tuned and tested like the best ones (not projected:
-        # it is what every reduction is measured against), so the accuracy loss vs 8-bit
-        # can be read off any search.
-        try:
-            eight = ray.get(eight_ref)
-            reference = {**reference, M.VAL_ACC: eight[M.VAL_ACC], M.TEST_ACC: eight[M.TEST_ACC]}
-            nodes["uniform_8bit"] = eight["node"]
-        except Exception as exc:  # a comparison point: a failed fine-tune must not lose the search
-            last = last_line(exc) or type(exc).__name__
-            echo(f"haqtune: warning: the uniform 8-bit policy's fine-tune failed ({last}); "
-                 "its test accuracy is not reported")
+    # The uniform 8-bit policy, fine-tuned and tested like the best ones (not projected: it
+    # is what every reduction is measured against), so the accuracy loss vs 8-bit can be
+    # read off any search.
+    eight = gather_comparison(refs.get("uniform_8bit"), echo, "the uniform 8-bit policy's fine-tune "
+                              "failed ({last}); its test accuracy is not reported")
+    if eight is not None:
+        reference = {**reference, M.VAL_ACC: eight[M.VAL_ACC], M.TEST_ACC: eight[M.TEST_ACC]}
+        nodes["uniform_8bit"] = eight["node"]
     uniform_budget = None
-    if baseline_ref is not None:
-        try:
-            got = ray.get(baseline_ref)
+    if "uniform_in_budget" in refs:
+        w_bits, a_bits = baseline[0]
+        got = gather_comparison(refs["uniform_in_budget"], echo, f"the fine-tune of uniform {w_bits}/{a_bits} "
+                                "(the widest uniform policy inside the budget) failed ({last}); it is not reported")
+        if got is not None:
             nodes["uniform_in_budget"] = got["node"]
-            (w_bits, a_bits), _ = baseline
             uniform_budget = {"w_bits": w_bits, "a_bits": a_bits,
                               **{key: got[key] for key in (M.VAL_ACC, M.TEST_ACC, *M.COST_METRICS, M.POLICY)}}
-        except Exception as exc:  # a comparison point, like uniform 8-bit
-            last = last_line(exc) or type(exc).__name__
-            echo(f"haqtune: warning: the fine-tune of uniform {'/'.join(map(str, baseline[0]))} (the widest "
-                 f"uniform policy inside the budget) failed ({last}); it is not reported")
     summary = {
         "search_id": search_id, "searcher": config.searcher, "num_trials": int(len(frame)),
         "failed_trials": int((frame["status"] == "FAILED").sum()),
